@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from study import config
+
+
+def test_profiles_share_sections_and_grow():
+    sections = {name: set(sections) for name, sections in config.PROFILES.items()}
+    assert sections["smoke"] == sections["quick"] == sections["paper"]
+    for section in sections["quick"]:
+        smoke, quick, paper = (config.PROFILES[p][section] for p in ("smoke", "quick", "paper"))
+        assert smoke.keys() == quick.keys() == paper.keys()
+        for key, value in quick.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key.startswith("n_"):
+                assert smoke[key] <= value <= paper[key], (section, key)
+
+
+def test_settings_apply_overrides_but_not_none():
+    values = config.settings("smoke", "tour", epochs=None, width=4)
+    assert values["epochs"] == config.PROFILES["smoke"]["tour"]["epochs"]
+    assert values["width"] == 4
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: config.settings("huge", "tour"), "unknown profile"),
+    (lambda: config.settings("smoke", "nope"), "no section"),
+    (lambda: config.settings("smoke", "tour", nope=1), "unknown setting"),
+    (lambda: config.seed_everything(-1), "non-negative"),
+])
+def test_bad_requests_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_device_auto_and_explicit():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert config.get_device("auto").type == expected
+    assert config.get_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            config.get_device("cuda")
+
+
+def test_seed_everything_is_deterministic():
+    first = torch.rand(3, generator=config.seed_everything(5))
+    again = torch.rand(3, generator=config.seed_everything(5))
+    assert torch.equal(first, again)
+    assert torch.are_deterministic_algorithms_enabled()
