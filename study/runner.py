@@ -102,8 +102,8 @@ def run_notebook(
         failed = runs_dir / f"{notebook.stem}.failed.ipynb"
         os.replace(partial, failed)
         raise NotebookFailed(
-            f"{notebook.name} failed in cell {error.cell_index} (execution count {error.exec_count}):\n"
-            f"{_cell_source(failed, error.cell_index)}\n{error.ename}: {error.evalue}\nexecuted copy: {failed}"
+            f"{notebook.name} failed in the cell with execution count {error.exec_count}:\n"
+            f"{_failing_cell_source(failed)}\n{error.ename}: {error.evalue}\nexecuted copy: {failed}"
         ) from None
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -112,11 +112,12 @@ def run_notebook(
     return final
 
 
-def _cell_source(executed: Path, index: int) -> str:
-    cells = nbformat.read(executed, as_version=4).cells
-    if 0 <= index < len(cells):
-        lines = cells[index].source.splitlines()
-        return "\n".join(f"    {line}" for line in lines[:8]) + ("\n    ..." if len(lines) > 8 else "")
+def _failing_cell_source(executed: Path) -> str:
+    """The source of the cell whose output is an error (papermill adds banner cells, so no index)."""
+    for cell in nbformat.read(executed, as_version=4).cells:
+        if any(output.get("output_type") == "error" for output in cell.get("outputs", [])):
+            lines = cell.source.splitlines()
+            return "\n".join(f"    {line}" for line in lines[:8]) + ("\n    ..." if len(lines) > 8 else "")
     return "    (cell source unavailable)"
 
 
