@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from study import runner
+from study import report, runner, sweep
 
 
 def _parameters(pairs: list[list[str]] | None) -> dict:
@@ -16,19 +16,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run one notebook headless with papermill parameters")
-    run.add_argument("notebook", help="path or name, e.g. notebooks/00_tour.ipynb or 00_tour")
-    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+    run_cmd = commands.add_parser("run", help="run one notebook headless with papermill parameters")
+    run_cmd.add_argument("notebook", help="path or name, e.g. notebooks/00_tour.ipynb or 00_tour")
+    run_cmd.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="papermill parameter (repeatable); values are Python literals or strings")
-    run.add_argument("--output-dir", help="where the executed copy goes (default runs/<profile>/)")
+    run_cmd.add_argument("--output-dir", help="where the executed copy goes (default runs/<profile>/)")
 
-    reproduce = commands.add_parser("reproduce", help="run every notebook at one profile")
-    reproduce.add_argument("--profile", default="quick")
-    reproduce.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
-    reproduce.add_argument("--output-dir", help="where the executed copies go (default runs/<profile>/)")
+    reproduce_cmd = commands.add_parser("reproduce", help="run every notebook at one profile")
+    reproduce_cmd.add_argument("--profile", default="quick")
+    reproduce_cmd.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
+    reproduce_cmd.add_argument("--output-dir", help="where the executed copies go (default runs/<profile>/)")
 
-    refresh = commands.add_parser("refresh", help="re-execute committed notebooks in place (developers)")
-    refresh.add_argument("notebooks", nargs="+")
+    sweep_cmd = commands.add_parser("sweep", help="run a grid of parameters, one task per point (Dask)")
+    sweep_cmd.add_argument("notebook")
+    sweep_cmd.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUES"),
+                       help="grid axis: '0..9' (inclusive range), 'a,b,c' (list) or one value")
+    sweep_cmd.add_argument("--name", help="sweep folder under runs/ (default sweep-<notebook>)")
+    sweep_cmd.add_argument("--executor", choices=["dask", "local"], default="dask")
+    sweep_cmd.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster)")
+    sweep_cmd.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    sweep_cmd.add_argument("--output-dir", help="parent folder of the sweep (default runs/)")
+
+    refresh_cmd = commands.add_parser("refresh", help="re-execute committed notebooks in place (developers)")
+    refresh_cmd.add_argument("notebooks", nargs="+")
     return parser
 
 
@@ -41,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reproduce":
             paths = runner.reproduce(args.profile, args.only, runs_dir=args.output_dir)
             print(f"ran {len(paths)} notebook(s); executed copies in {paths[0].parent if paths else '-'}")
+            figures = runner.default_figures_dir(paths[0], args.profile, paths[0].parent).parent
+            print(f"findings report: {report.write_findings_report(figures)}")
+        elif args.command == "sweep":
+            grid = {name: sweep.parse_grid_values(values) for name, values in (args.parameter or [])}
+            outcomes, tables = sweep.sweep(args.notebook, grid, args.name, args.executor, args.scheduler,
+                                           args.workers, args.output_dir)
+            for outcome in outcomes:
+                print(f"{outcome['status']:8} {outcome['point']}" + (f"  {outcome['error']}" if outcome["error"] else ""))
+            print(f"tables: {', '.join(sorted(tables)) or 'none'}")
+            if any(o["status"] == "failed" for o in outcomes):
+                return 1
         else:
             for name in args.notebooks:
                 print(f"refreshed {runner.refresh_notebook(name)}")

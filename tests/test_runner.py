@@ -63,3 +63,19 @@ def test_parse_value_reads_literals():
     from study.runner import parse_value
     assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3 and parse_value("None") is None
     assert parse_value("synth_objects_64") == "synth_objects_64"
+
+
+def test_every_notebook_declares_the_standard_parameters():
+    """papermill silently drops parameters whose line it cannot parse: every assignment must survive."""
+    from study.runner import declared_parameters, list_notebooks
+    standard = {"profile", "seed", "device", "dataset", "data_root", "figures_dir"}
+    notebooks = list_notebooks()
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line.split("#")[0]}
+        declared = set(declared_parameters(path))
+        assert standard <= declared, path.name
+        assert assigned == declared, (path.name, assigned ^ declared)
+        assert declared_parameters(path)["profile"]["default"].strip("'\"") == "quick"

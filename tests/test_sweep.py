@@ -1,0 +1,38 @@
+"""Sweeps: grid parsing, and a two-worker LocalCluster sweep of the tour at smoke size."""
+
+import pytest
+
+from study import sweep
+from study.runner import UsageError
+
+
+def test_grid_values_and_points():
+    assert sweep.parse_grid_values("0..3") == [0, 1, 2, 3]
+    assert sweep.parse_grid_values("1e-3,1e-4") == [1e-3, 1e-4]
+    assert sweep.parse_grid_values("smoke") == ["smoke"]
+    with pytest.raises(UsageError, match="empty range"):
+        sweep.parse_grid_values("3..1")
+    points = sweep.expand_grid({"seed": [0, 1], "lr": [0.1, 0.2]})
+    assert points == [{"seed": 0, "lr": 0.1}, {"seed": 0, "lr": 0.2}, {"seed": 1, "lr": 0.1}, {"seed": 1, "lr": 0.2}]
+    assert sweep.point_name({"seed": 0, "dataset": "a b/c"}) == "seed=0_dataset=a-b-c"
+
+
+def test_unknown_parameter_is_rejected_before_anything_runs(tmp_path):
+    with pytest.raises(UsageError, match="does not declare"):
+        sweep.sweep("00_tour", {"nope": [1]}, runs_dir=tmp_path, executor="local")
+    assert not any(tmp_path.iterdir())
+
+
+def test_dask_sweep_of_the_tour_runs_skips_and_reports_failures(tmp_path):
+    grid = {"profile": ["smoke"], "seed": [0, 1], "epochs": [1, "broken"]}
+    outcomes, tables = sweep.sweep("00_tour", grid, name="t", executor="dask", workers=2, runs_dir=tmp_path)
+    status = {(o["point"]["seed"], o["point"]["epochs"]): o["status"] for o in outcomes}
+    assert status == {(0, 1): "done", (1, 1): "done", (0, "broken"): "failed", (1, "broken"): "failed"}
+    assert all("broken" in o["error"] for o in outcomes if o["status"] == "failed")
+    findings = tables["findings"]
+    assert set(findings["seed"]) == {0, 1} and set(findings["epochs"]) == {1}
+    assert (tmp_path / "t" / "findings.csv").exists()
+    assert (tmp_path / "t" / "profile=smoke_seed=0_epochs=1" / "00_tour.ipynb").exists()
+    again, _ = sweep.sweep("00_tour", {"profile": ["smoke"], "seed": [0, 1], "epochs": [1]}, name="t",
+                           executor="local", runs_dir=tmp_path)
+    assert [o["status"] for o in again] == ["skipped", "skipped"]
