@@ -1,0 +1,1 @@
+"""The steps each notebook calls, one module per paper (plus the tour)."""
