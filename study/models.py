@@ -143,3 +143,65 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class VGGLike(nn.Sequential):
+    """The Vandersmissen card's VGG-like network (§5.2), standing in for VGG16; no batch norm.
+
+    features: [Conv3×3(16)–ReLU–MaxPool2] → [Conv3×3(32)–ReLU–MaxPool2] → [Conv3×3(64)–ReLU–MaxPool2]
+    → Conv3×3(64)–ReLU (the last conv map is image_size/8, 8×8 at 64 px); classifier: Linear(→128)–ReLU
+    → Linear(→ classes). torchvision-style names (features.N, classifier.N); an nn.Sequential of
+    plain layers, so LRP applies. Grad-CAM layer: "features.10" (the ReLU after the last conv).
+    """
+
+    gradcam_layer = "features.10"
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 6, image_size: int = 64):
+        _check_positive(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        if image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8 (three 2× poolings), got {image_size}")
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for channels in (16, 32, 64):
+            layers += [nn.Conv2d(previous, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            previous = channels
+        layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Sequential(nn.Linear(64 * (image_size // 8) ** 2, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+class ResNetLike(ResNet):
+    """The Vandersmissen card's ResNet-like network (§5.2), standing in for ResNet50.
+
+    Stem Conv3×3(16, stride 2)–BN–ReLU; three stages of 2 torchvision BasicBlocks with 16 / 32 / 64
+    channels and strides 1 / 2 / 2 (last conv map image_size/8, 8×8 at 64 px); global average
+    pooling; Linear(64 → classes). Named layers: conv1, bn1, layer1 … layer3, avgpool, fc
+    (layer4 is an Identity). Grad-CAM layer: "layer3". Residual additions: no LRP (captum's LRP
+    needs a sequential network).
+    """
+
+    gradcam_layer = "layer3"
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 6):
+        _check_positive(in_channels=in_channels, num_classes=num_classes)
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = 16, 1, 1, 64
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, 16, 2)
+        self.layer2 = self._make_layer(BasicBlock, 32, 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, 64, 2, stride=2)
+        self.layer4 = nn.Identity()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+MODELS.update(vgg_like=VGGLike, resnet_like=ResNetLike)

@@ -1,0 +1,249 @@
+"""ImageNet (ILSVRC2012) validation images with their XML bounding boxes, and torchvision models.
+
+The real-data path of the Vandersmissen card (§6), shared with notebook 03:
+
+* **Images**: `ILSVRC2012_val_XXXXXXXX.JPEG` files anywhere under `root`, either flat (the
+  original `val/` folder) or in WordNet-id class folders (`val/n01440764/...`, the layout of
+  torchvision's `ImageFolder` and of the common `valprep.sh` script). Decoded with PIL.
+* **Annotations**: one VOC-style XML file per image with the same stem (the ILSVRC2012
+  `bbox_val_v3` release): `<size><width/><height/></size>` and one or more
+  `<object><name>n01751748</name><bndbox><xmin/><ymin/><xmax/><ymax/></bndbox></object>`.
+  They are found under `annotations` (a folder) or, by default, anywhere under `root`.
+* **Labels**: the WordNet id of the class folder, else of the first `<object>`. The class index
+  is the position of that id in the sorted list of the 1,000 ids (what pretrained torchvision
+  heads expect). That list is read from `wnids` (a sequence or a text file whose lines start with
+  the id, e.g. `LOC_synset_mapping.txt`), else from one of `SYNSET_FILES` in `root`, else the
+  class folders are used when there are exactly 1,000 of them; otherwise ValueError.
+* **Transform**: Resize(256) then CenterCrop(224), done as one continuous affine map so that the
+  image and its boxes move exactly alike: scale r = 256 / min(W, H), shift
+  s = ((W·r − 224)/2, (H·r − 224)/2), x' = x·r − s_x, clipped to [0, 224) (card §6). PIL's
+  antialiased bilinear resampling reads the source window [s/r, (s + 224)/r).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synsets.txt", "wnids.txt", "synset_words.txt")
+IMAGE_SUFFIXES = (".jpeg", ".jpg")
+WNID = re.compile(r"n\d{8}")
+ARCHITECTURES = ("vgg16", "resnet50")
+
+
+def parse_annotation(path: str | Path) -> dict:
+    """One VOC-style XML file → {"filename", "width", "height", "objects": [(wnid, xmin, ymin, xmax, ymax)]}."""
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as error:
+        raise ValueError(f"cannot read annotation {path}: {error}") from error
+    size = root.find("size")
+    if size is None or size.findtext("width") is None or size.findtext("height") is None:
+        raise ValueError(f"annotation {path} has no <size><width/><height/></size>")
+    width, height = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+    if width <= 0 or height <= 0:
+        raise ValueError(f"annotation {path} has a non-positive size {width}×{height}")
+    objects = []
+    for obj in root.iter("object"):
+        box = obj.find("bndbox")
+        name = (obj.findtext("name") or "").strip()
+        if box is None or not name:
+            raise ValueError(f"annotation {path}: every <object> needs a <name> and a <bndbox>")
+        try:
+            coords = [float(box.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]
+        except TypeError as error:
+            raise ValueError(f"annotation {path}: <bndbox> needs xmin, ymin, xmax and ymax") from error
+        objects.append((name, *coords))
+    return {"filename": (root.findtext("filename") or path.stem).strip(), "width": width, "height": height,
+            "objects": objects}
+
+
+def crop_geometry(width: int, height: int, resize: int = 256, crop: int = 224) -> tuple[float, float, float]:
+    """(r, s_x, s_y) of Resize(resize) → CenterCrop(crop) for a width × height image."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}×{height}")
+    if crop > resize:
+        raise ValueError(f"crop {crop} must not exceed resize {resize}")
+    r = resize / min(width, height)
+    return r, (width * r - crop) / 2, (height * r - crop) / 2
+
+
+def transform_boxes(boxes, width: int, height: int, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """(n, 4) boxes [x0, y0, x1, y1] in original pixels → float boxes in the crop, clipped to [0, crop]."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    r, sx, sy = crop_geometry(width, height, resize, crop)
+    out = boxes * r - np.array([sx, sy, sx, sy])
+    return np.clip(out, 0.0, crop)
+
+
+def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """Decode with PIL, convert to RGB, Resize(resize) + CenterCrop(crop) → float32 (3, crop, crop) in [0,1]."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        r, sx, sy = crop_geometry(image.width, image.height, resize, crop)
+        window = (sx / r, sy / r, (sx + crop) / r, (sy + crop) / r)
+        out = image.resize((crop, crop), Image.BILINEAR, box=window)
+    return np.asarray(out, np.float32).transpose(2, 0, 1) / 255.0
+
+
+def read_wnids(source) -> list[str]:
+    """The sorted list of WordNet ids from a sequence or a text file (first token of every line)."""
+    if isinstance(source, (str, Path)):
+        lines = Path(source).read_text().splitlines()
+        ids = [line.split()[0].strip(",") for line in lines if line.strip()]
+    else:
+        ids = [str(w) for w in source]
+    bad = [w for w in ids if not WNID.fullmatch(w)]
+    if bad or not ids:
+        raise ValueError(f"WordNet ids look like n01440764; got {bad[:3] or 'an empty list'}")
+    return sorted(set(ids))
+
+
+def _find_wnids(root: Path, wnids, folder_ids: set[str]) -> list[str]:
+    if wnids is not None:
+        return read_wnids(wnids)
+    for name in SYNSET_FILES:
+        if (root / name).is_file():
+            return read_wnids(root / name)
+    if len(folder_ids) == 1000:
+        return sorted(folder_ids)
+    raise ValueError(f"cannot map WordNet ids to class indices: pass wnids= (the 1,000 ids or a file such as "
+                     f"LOC_synset_mapping.txt), put one of {SYNSET_FILES} in {root}, or use all 1,000 class folders")
+
+
+def _index_files(root: Path, annotations) -> tuple[list[Path], dict[str, Path]]:
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    xml_root = Path(annotations) if annotations is not None else root
+    if not xml_root.is_dir():
+        raise ValueError(f"annotation folder {xml_root} does not exist")
+    xmls = {p.stem: p for p in sorted(xml_root.rglob("*.xml"))}
+    return images, xmls
+
+
+def _select(entries: list[dict], class_list, n_classes, per_class, seed: int) -> tuple[list[dict], list[str]]:
+    present = sorted({e["wnid"] for e in entries})
+    if class_list is not None:
+        chosen = [str(c) for c in class_list]
+        missing = sorted(set(chosen) - set(present))
+        if missing:
+            raise ValueError(f"class_list names classes without annotated images: {missing[:5]}")
+    elif n_classes is not None:
+        if not isinstance(n_classes, int) or not 0 < n_classes <= len(present):
+            raise ValueError(f"n_classes must be an int in [1, {len(present)}] (classes found), got {n_classes!r}")
+        chosen = list(np.random.default_rng(seed).choice(present, n_classes, replace=False))
+    else:
+        chosen = present
+    chosen = sorted(chosen)
+    if per_class is not None and (not isinstance(per_class, int) or per_class <= 0):
+        raise ValueError(f"per_class must be a positive int or None, got {per_class!r}")
+    picked = []
+    for wnid in chosen:
+        members = [e for e in entries if e["wnid"] == wnid]
+        picked += members[:per_class] if per_class is not None else members
+    return picked, chosen
+
+
+def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | None = None,
+                        class_list: Sequence[str] | None = None, seed: int = 0, wnids=None, annotations=None,
+                        resize: int = 256, crop: int = 224) -> dict:
+    """ImageNet validation images with their boxes, in the dataset dict of `study.data`.
+
+    Classes: `class_list` (WordNet ids), else `n_classes` drawn without replacement by
+    numpy.random.default_rng(seed) from the annotated classes present (card Q1), else all; then the
+    first `per_class` images of each class by file name (all when None). Images without an XML
+    file are skipped. Returns `images` float32 (N, 3, crop, crop) in [0, 1] (not normalised; see
+    IMAGENET_MEAN / IMAGENET_STD); `labels` int64 (N,); `boxes` list of int64 (n, 5)
+    [class index, x0, y0, x1, y1] end-exclusive in crop pixels (floor of starts, ceil of ends; a
+    box of an id outside `wnids` gets class −1; boxes cropped away are dropped); `masks` bool
+    (N, 1, crop, crop), the union of the boxes of the image's own class; `group` zeros; `files`,
+    `wnid` per image; `class_list` the chosen ids; `wnids` the full sorted id list.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"ImageNet root {root} is not a folder")
+    images, xmls = _index_files(root, annotations)
+    entries = []
+    for path in images:
+        if path.stem not in xmls:
+            continue
+        note = parse_annotation(xmls[path.stem])
+        folder = path.parent.name
+        wnid = folder if WNID.fullmatch(folder) else (note["objects"][0][0] if note["objects"] else None)
+        if wnid is not None:
+            entries.append({"path": path, "note": note, "wnid": wnid})
+    if not entries:
+        raise ValueError(f"no JPEG image under {root} has an XML annotation with the same stem")
+    all_ids = _find_wnids(root, wnids, {e["wnid"] for e in entries if WNID.fullmatch(e["path"].parent.name)})
+    index = {w: i for i, w in enumerate(all_ids)}
+    unknown = sorted({e["wnid"] for e in entries} - set(index))
+    if unknown:
+        raise ValueError(f"image classes {unknown[:5]} are not in the WordNet id list of {len(all_ids)} ids")
+    picked, chosen = _select(entries, class_list, n_classes, per_class, seed)
+    labels = [index[entry["wnid"]] for entry in picked]
+    boxes = [_crop_boxes(entry["note"], index, resize, crop) for entry in picked]
+    masks = np.zeros((len(picked), 1, crop, crop), bool)
+    for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
+        for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
+            masks[i, 0, y0:y1, x0:x1] = True
+    return {"images": np.stack([load_image(entry["path"], resize, crop) for entry in picked]),
+            "labels": np.array(labels, np.int64), "boxes": boxes, "masks": masks,
+            "group": np.zeros(len(picked), np.int64), "files": [str(e["path"].relative_to(root)) for e in picked],
+            "wnid": [e["wnid"] for e in picked], "class_list": chosen, "wnids": all_ids}
+
+
+def _crop_boxes(note: dict, index: dict[str, int], resize: int, crop: int) -> np.ndarray:
+    """An annotation's boxes as int64 (n, 5) [class index or −1, x0, y0, x1, y1] in the crop; boxes
+    that the crop cuts away entirely are dropped."""
+    rows = []
+    for name, *coords in note["objects"]:
+        x0, y0, x1, y1 = transform_boxes(coords, note["width"], note["height"], resize, crop)[0]
+        box = [index.get(name, -1), math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
+        if box[3] > box[1] and box[4] > box[2]:
+            rows.append(box)
+    return np.array(rows, np.int64).reshape(-1, 5)
+
+
+def imagenet_model(arch: str, weights_path, device: str | torch.device = "cpu") -> nn.Module:
+    """torchvision's `vgg16` or `resnet50` with a state-dict file from disk (no download).
+
+    VGG16 is returned as an nn.Sequential (features, avgpool, flatten, classifier) sharing the
+    loaded parameters, with non-inplace ReLUs, so captum's LRP applies; its `gradcam_layer` is
+    "features.29" (the ReLU after the last conv). ResNet50's is "layer4".
+    """
+    from torchvision import models
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown ImageNet architecture {arch!r}; choose one of {ARCHITECTURES}")
+    path = Path(weights_path) if weights_path is not None else None
+    if path is None or not path.is_file():
+        raise ValueError(f"weights_path must be a torchvision state-dict file for {arch}, got {weights_path!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    net = getattr(models, arch)(weights=None)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a torchvision {arch} state dict: {error}") from error
+    if arch == "vgg16":
+        for module in net.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+        net = nn.Sequential(OrderedDict(features=net.features, avgpool=net.avgpool, flatten=nn.Flatten(),
+                                        classifier=net.classifier))
+        net.gradcam_layer = "features.29"
+    else:
+        net.gradcam_layer = "layer4"
+    return net.to(device).eval()

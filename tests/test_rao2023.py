@@ -1,0 +1,302 @@
+"""Notebook 05 (Rao et al. 2023): the experiment steps at smoke size, and the real-data loaders on
+tiny fixtures written in the real formats (VOC2007 VOCDetection layout, Waterbirds metadata.csv +
+CUB-200-2011 box files)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from study import config
+from study import guidance as G
+from study import voc_waterbirds as real
+from study.experiments import rao2023 as R
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is faster (and steadier on a shared CPU); restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _jpeg(path, width, height, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), colour).save(path, quality=95)
+
+
+VOC_XML = """<annotation>
+  <folder>VOC2007</folder><filename>{name}.jpg</filename>
+  <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
+  <segmented>{seg}</segmented>
+{objects}</annotation>
+"""
+VOC_OBJECT = """  <object><name>{cls}</name><pose>Unspecified</pose><truncated>0</truncated>
+    <difficult>{difficult}</difficult>
+    <bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>
+"""
+
+
+@pytest.fixture()
+def voc_root(tmp_path):
+    """Three VOC2007 images: 000001 (dog + person, segmented), 000002 (one difficult cat), 000003 (car)."""
+    base = tmp_path / "VOCdevkit" / "VOC2007"
+    specs = {
+        "000001": (100, 50, [("dog", 1, 1, 50, 50, 0), ("person", 51, 11, 100, 40, 0)]),
+        "000002": (80, 80, [("cat", 11, 21, 40, 60, 1)]),
+        "000003": (64, 32, [("car", 1, 1, 64, 32, 0)]),
+    }
+    for name, (w, h, objects) in specs.items():
+        _jpeg(base / "JPEGImages" / f"{name}.jpg", w, h, (200, 30, 30))
+        body = "".join(VOC_OBJECT.format(cls=c, x0=a, y0=b, x1=x, y1=y, difficult=d) for c, a, b, x, y, d in objects)
+        (base / "Annotations").mkdir(parents=True, exist_ok=True)
+        (base / "Annotations" / f"{name}.xml").write_text(VOC_XML.format(name=name, w=w, h=h, seg=int(name == "000001"),
+                                                                         objects=body))
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("000001\n000002\n000003\n")
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (base / "ImageSets" / "Segmentation" / "train.txt").write_text("000001\n")
+    instances = np.zeros((50, 100), np.uint8)
+    instances[10:30, 5:25] = 1          # part of the dog
+    instances[20:35, 60:90] = 2         # part of the person
+    instances[0, :] = 255               # void border
+    png = Image.fromarray(instances, mode="P")
+    png.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (3 * 253))
+    (base / "SegmentationObject").mkdir(parents=True)
+    png.save(base / "SegmentationObject" / "000001.png")
+    return tmp_path
+
+
+@pytest.fixture()
+def waterbirds_root(tmp_path):
+    """Four Waterbirds images (train: landbird/land, waterbird/water; test: waterbird/land and one
+    image without a CUB box) and the CUB files."""
+    root = tmp_path / "waterbird_1.0_forest2water2"
+    cub = tmp_path / "CUB_200_2011"
+    rows = [
+        (1, "001.Black_footed_Albatross/a.jpg", 1, 0, 1, "water/a.jpg", (0, 40, 200)),
+        (2, "002.Laysan_Albatross/b.jpg", 1, 2, 0, "land/b.jpg", (40, 160, 40)),
+        (3, "010.Red_winged_Blackbird/c.jpg", 0, 0, 0, "land/c.jpg", (40, 160, 40)),
+        (4, "011.Rusty_Blackbird/d.jpg", 0, 0, 1, "water/d.jpg", (0, 40, 200)),
+        (5, "010.Red_winged_Blackbird/e.jpg", 0, 1, 0, "land/e.jpg", (40, 160, 40)),
+    ]
+    root.mkdir(parents=True)
+    with (root / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(real.WATERBIRDS_COLUMNS)
+        for img_id, name, y, split, place, place_name, colour in rows:
+            writer.writerow([img_id, name, y, split, place, place_name])
+            _jpeg(root / name, 120, 60, colour)
+    cub.mkdir()
+    (cub / "images.txt").write_text("1 001.Black_footed_Albatross/a.jpg\n2 002.Laysan_Albatross/b.jpg\n"
+                                    "3 010.Red_winged_Blackbird/c.jpg\n5 010.Red_winged_Blackbird/e.jpg\n")
+    (cub / "bounding_boxes.txt").write_text("1 12.0 6.0 60.0 30.0\n2 0.0 0.0 120.0 60.0\n3 60.0 30.0 30.0 15.0\n"
+                                            "5 0.0 0.0 60.0 60.0\n")
+    _jpeg(cub / "images" / "002.Laysan_Albatross/b.jpg", 240, 120, (1, 2, 3))  # CUB copy at twice the size
+    return root, cub
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_voc_loader_reads_the_vocdetection_layout(voc_root):
+    arrays = real.load_voc2007(voc_root, "train", image_size=32)
+    assert arrays["ids"] == ["000001", "000002", "000003"]
+    assert arrays["images"].shape == (3, 3, 32, 32) and arrays["images"].dtype == np.float32
+    assert np.allclose(arrays["images"][:, 0], 200 / 255, atol=0.02)       # decoded colour, [0,1]
+    dog, person = real.VOC_CLASSES.index("dog"), real.VOC_CLASSES.index("person")
+    assert arrays["labels"][0].nonzero()[0].tolist() == sorted([dog, person])
+    # dog: pixels 1..50 of 100 → [0, 50) → [0, 16) at 32 px; person x 51..100 → [50, 100) → [16, 32)
+    assert arrays["boxes"][0].tolist() == [[dog, 0, 0, 16, 32], [person, 16, 6, 32, 26]]
+    assert arrays["boxes"][2].tolist() == [[real.VOC_CLASSES.index("car"), 0, 0, 32, 32]]
+    assert arrays["masks"][2].all() and arrays["masks"].dtype == bool
+
+
+def test_voc_loader_difficult_limit_and_segmentation(voc_root):
+    easy = real.load_voc2007(voc_root, "train", image_size=32, keep_difficult=False)
+    assert easy["ids"] == ["000001", "000003"] and easy["skipped"] == ["000002"]
+    assert len(real.load_voc2007(voc_root, "train", image_size=16, n_max=1)["ids"]) == 1
+    seg = real.load_voc2007(voc_root, "train", image_size=50, segmentation=True)
+    assert seg["ids"] == ["000001"]
+    objects = seg["object_masks"][0]
+    assert objects.shape == (2, 50, 50)
+    assert objects[0, 10:30, 2:12].all() and not objects[0, :, 30:].any()  # the dog's instance, squeezed in x
+    assert objects[1, 20:35, 31:44].all() and not objects[1, 0].any()      # the person's; void is no object
+
+
+def test_voc_loader_rejects_bad_input(voc_root, tmp_path):
+    with pytest.raises(ValueError, match="image_set"):
+        real.load_voc2007(voc_root, "training")
+    with pytest.raises(ValueError, match="no VOC2007"):
+        real.load_voc2007(tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match="image_size"):
+        real.load_voc2007(voc_root, "train", image_size=0)
+
+
+def test_waterbirds_loader_joins_cub_boxes(waterbirds_root):
+    root, cub = waterbirds_root
+    train = real.load_waterbirds(root, "train", image_size=30)          # CUB_200_2011 found beside the folder
+    # image 4 has no CUB box and is skipped; image 2 is in the test split
+    assert train["ids"] == ["001.Black_footed_Albatross/a.jpg", "010.Red_winged_Blackbird/c.jpg"]
+    assert train["skipped"] == ["011.Rusty_Blackbird/d.jpg"]
+    assert train["y"].tolist() == [1, 0] and train["place"].tolist() == [1, 0]
+    assert train["group"].tolist() == [3, 0]
+    assert train["labels"].tolist() == [[0, 1], [1, 0]]
+    # box x 12..72 of 120 → [3, 18) at 30 px; y 6..36 of 60 → [3, 18)
+    assert train["boxes"][0].tolist() == [[1, 3, 3, 18, 18]]
+    test = real.load_waterbirds(root, "test", image_size=30, cub_root=cub)
+    # the CUB copy is twice as large: its box (0, 0, 120, 60) is the left-top quarter of the Waterbirds image
+    assert test["boxes"][0].tolist() == [[1, 0, 0, 15, 15]] and test["group"].tolist() == [2]
+
+
+def test_waterbirds_loader_rejects_bad_input(waterbirds_root, tmp_path):
+    root, cub = waterbirds_root
+    with pytest.raises(ValueError, match="split"):
+        real.load_waterbirds(root, "validation", cub_root=cub)
+    with pytest.raises(ValueError, match="metadata"):
+        real.load_waterbirds(tmp_path, "train", cub_root=cub)
+    with pytest.raises(ValueError, match="CUB"):
+        real.load_waterbirds(root, "train", cub_root=tmp_path / "nocub")
+
+
+def test_real_data_recipes_build_guidance_splits(voc_root, waterbirds_root, monkeypatch, tmp_path):
+    s = R.settings("smoke", n_train=3, n_valid=3, n_test=3, birds_n_train=2, birds_n_valid=1, birds_n_test=1)
+    voc = R.load_voc(s, 0, "voc2007", voc_root)
+    assert voc["train"].class_masks.shape == (3, 20, 32, 32) and len(voc["test"]) == 3
+    dog = real.VOC_CLASSES.index("dog")
+    assert voc["train"].class_masks[0, dog, :, :16].all() and not voc["train"].class_masks[0, dog, :, 16:].any()
+    root, _cub = waterbirds_root
+    conventional = R.load_birds(s, 0, "conventional", "waterbirds", root)
+    reversed_ = R.load_birds(s, 0, "reversed", "waterbirds", root)
+    # train: waterbird on water, landbird on land → identical labels in both tasks; masks inside vs outside
+    assert torch.equal(conventional["train"].labels, reversed_["train"].labels)
+    assert torch.equal(conventional["train"].class_masks.any(1), ~reversed_["train"].class_masks[:, 0])
+    assert conventional["test"].group.tolist() == [2] and conventional["test"].labels.tolist() == [[0.0, 1.0]]
+    assert reversed_["test"].labels.tolist() == [[1.0, 0.0]]              # reversed: the label is the place (land)
+    with pytest.raises(ValueError, match="data_root"):
+        R.load_voc(s, 0, "voc2007", None)
+
+
+# ----------------------------------------------------------------------------- experiment steps (smoke size)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Generated data and trained runs go to a temporary cache, not data/cache."""
+    previous = config.CACHE_DIR
+    config.CACHE_DIR = tmp_path_factory.mktemp("cache")
+    yield config.CACHE_DIR
+    config.CACHE_DIR = previous
+
+
+@pytest.fixture(scope="module")
+def smoke(private_cache):
+    """The whole pipeline at the smoke profile (trained once per test module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = R.settings("smoke")
+        baselines = R.train_baselines(s, 0, "cpu")
+        calibration = R.calibrate(s, baselines, "cpu")
+        runs = R.run_finetunes(s, 0, baselines, calibration, "cpu")
+        again = R.run_finetunes(s, 0, baselines, calibration, "cpu")
+        yield {"s": s, "baselines": baselines, "calibration": calibration, "runs": runs, "again": again}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_settings_reject_unknown_configurations():
+    with pytest.raises(ValueError, match="unknown configs"):
+        R.settings("smoke", configs=["resnet"])
+    with pytest.raises(ValueError, match="unknown setting"):
+        R.settings("smoke", lambda_grid=[1])
+    with pytest.raises(ValueError, match="energy"):
+        R.settings("smoke", losses=["ppce"])
+
+
+def test_annotate_keeps_int_f_n_images_and_dilates_within_the_image():
+    s = R.settings("smoke")
+    train = R.load_voc(s, 0)["train"]
+    limited = R.annotate(train, 0.1, 0.0, seed=3)
+    assert int(limited.annotated.sum()) == int(0.1 * len(train)) == len(limited.info["kept"])
+    assert torch.equal(limited.class_masks, train.class_masks)
+    assert R.annotate(train, 0.1, 0.0, seed=3).info["kept"] == limited.info["kept"]
+    dilated = R.annotate(train, 1.0, 0.5, seed=3)
+    assert bool(dilated.annotated.all())
+    assert bool((dilated.class_masks | ~train.class_masks).all())        # dilated masks contain the true boxes
+    assert dilated.class_masks.sum() > train.class_masks.sum()
+
+
+def test_synthbirds_tint_changes_only_the_background():
+    s = R.settings("smoke")
+    birds = R.load_birds(s, 0, "conventional")
+    reversed_ = R.load_birds(s, 0, "reversed")
+    train = birds["train"]
+    assert (train.group == 0).sum() + (train.group == 3).sum() == len(train)   # 100% correlated training set
+    assert torch.equal(train.labels, reversed_["train"].labels)               # hence one shared baseline
+    test = birds["test"]
+    assert [int((test.group == g).sum()) for g in range(4)] == [16, 16, 16, 16]
+    assert torch.equal(reversed_["test"].labels.argmax(1), test.group % 2)     # reversed label = place
+    box = birds["test"].class_masks.any(1)                                   # the true class's box (other channel empty)
+    assert torch.equal(birds["test"].class_masks.sum(1), box.long())
+    assert torch.equal(reversed_["test"].class_masks[:, 0], ~box) and torch.equal(reversed_["test"].class_masks[:, 1], ~box)
+    arrays = {"images": np.full((2, 3, 8, 8), 0.9, np.float32), "masks": np.zeros((2, 1, 8, 8), bool),
+              "group": np.array([0, 3])}
+    arrays["masks"][:, :, 2:4, 2:4] = True
+    tinted = R.tint_background(arrays, 0.5, seed=0)["images"]
+    assert np.allclose(tinted[:, :, 2:4, 2:4], 0.9)                           # bird pixels kept
+    blue_minus_red = tinted[:, 2].mean((1, 2)) - tinted[:, 0].mean((1, 2))
+    assert blue_minus_red[1] > blue_minus_red[0]                              # water is bluer than land
+
+
+def test_smoke_pipeline_tables(smoke):
+    s, baselines, runs = smoke["s"], smoke["baselines"], smoke["runs"]
+    table = baselines["table"]
+    assert set(zip(table.config, table.layer)) == {(c, layer) for c in s["configs"] for layer in G.LAYERS}
+    assert (table.uniform_epg > 0).all() and (table.uniform_epg < 1).all()
+    test = R.load_voc(s, 0)["test"]
+    pairs = torch.nonzero(test.labels > 0.5)
+    area = test.class_masks[pairs[:, 0], pairs[:, 1]].float().mean((1, 2)).mean()
+    assert table.uniform_epg.iloc[0] == pytest.approx(float(area))
+    calibration = smoke["calibration"]
+    assert np.isfinite(calibration.lambda_mid).all() and (calibration.lambda_mid > 0).all()
+    assert np.allclose(calibration.lambda_card, 0.3 * calibration.L_class / calibration.sum_L_loc)
+    assert {k: len(v) for k, v in runs["plan"].items()} == {"E1": 8, "E3": 2, "E4": 2, "E5": 1, "E6": 6}
+    assert smoke["again"]["timing"]["computed"] == 0                           # every run came from the cache
+    pd.testing.assert_frame_equal(runs["E1"], smoke["again"]["E1"])
+
+
+def test_smoke_pipeline_analysis_and_findings(smoke):
+    s, baselines, runs = smoke["s"], smoke["baselines"], smoke["runs"]
+    front = R.pareto_checkpoints(runs["E1"])
+    assert front.test_f1.notna().all() and len(front) >= 8
+    summary = R.loss_summary(front, baselines["table"])
+    assert len(summary) == 8 and (summary.hv_epg >= 0).all()
+    fractions = R.fraction_table(runs["E3"], runs["E1"], baselines["table"], s["ablation_config"])
+    assert sorted(fractions.annotated.unique()) == [9.0, 96.0]                # int(0.1 · 96) and all
+    e3 = runs["plan"]["E3"][0]
+    assert e3["lam"] == pytest.approx(10 * next(sp["lam"] for sp in runs["plan"]["E1"] if sp["config"] == "bcos"
+                                                and sp["layer"] == "input" and sp["loss"] == e3["loss"]))
+    dilation = R.dilation_table(runs["E4"], runs["E1"], baselines["table"], s["ablation_config"])
+    assert sorted(dilation.dilation.unique()) == [0.0, 0.5]
+    depth = R.depth_table(runs["E5"], runs["E1"], baselines["table"], s["ablation_config"])
+    assert list(depth.layer) == ["input", "mid", "final"] and depth.input_epg.between(0, 1).all()
+    birds = R.birds_runs(runs["E6"], R.birds_baseline_rows(s, baselines, "cpu"))
+    assert sorted(birds.model.unique()) == ["baseline", "control", "energy", "l1"]
+    assert ((birds.overall >= 0) & (birds.overall <= 100)).all()
+    table = R.birds_table(birds)
+    assert table.loc[table.model == "Energy", "paper_conv_worst"].item() == "56.1 ± 4.0"
+    rows = R.findings(s, baselines["table"], summary, R.on_object_table(front, baselines["table"]), fractions, dilation,
+                      depth, birds, front)
+    assert len(rows) == 11
+    assert all(r["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not tested", "n/a") for r in rows)

@@ -1,0 +1,383 @@
+"""Notebook 02 (Vandersmissen & Oramas 2024): models, orderings, the scoring step at a tiny size,
+the analyses with known answers, and the ImageNet loader on a fixture in the real format."""
+
+import math
+
+import krippendorff
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+import study  # noqa: F401  (before torchvision)
+from study import attribution, config, data, imagenet
+from study.experiments import vandersmissen2024 as V
+from study.models import MODELS, ResNetLike, VGGLike, capture
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and much faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_model_shapes_last_conv_map_and_lrp_support():
+    vgg, resnet = VGGLike(num_classes=6).eval(), ResNetLike(num_classes=6).eval()
+    x = torch.zeros(2, 3, 64, 64)
+    out, feats = capture(vgg, x, [VGGLike.gradcam_layer])
+    assert out.shape == (2, 6) and feats["features.10"].shape == (2, 64, 8, 8)
+    out, feats = capture(resnet, x, [ResNetLike.gradcam_layer])
+    assert out.shape == (2, 6) and feats["layer3"].shape == (2, 64, 8, 8)
+    assert resnet.conv1.stride == (2, 2) and [resnet.layer1[0].conv1.out_channels, resnet.layer2[0].conv1.stride] == [16, (2, 2)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules())
+    assert V.supports_lrp(vgg) and not V.supports_lrp(resnet)
+    assert MODELS["vgg_like"] is VGGLike and MODELS["resnet_like"] is ResNetLike
+    with pytest.raises(ValueError, match="multiple of 8"):
+        VGGLike(image_size=60)
+
+
+def test_channels_last_keeps_outputs():
+    torch.manual_seed(0)
+    model = VGGLike(num_classes=3, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    assert torch.allclose(V.channels_last(model)(x), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- scale and orderings
+
+
+def test_scale_settings_follow_the_card():
+    small, large = V.scale_settings(64), V.scale_settings(224)
+    assert small["blur_sigma"] == pytest.approx(5 * 64 / 224) and small["blur_kernel"] == 5
+    assert (small["region_patch"], small["occlusion_window"]) == (3, 4)
+    assert (large["blur_sigma"], large["blur_kernel"], large["region_patch"], large["occlusion_window"]) == (5, 11, 9, 8)
+
+
+def test_region_order_removes_overlapping_patches_around_the_most_salient_pixel():
+    saliency = np.zeros((6, 6))
+    saliency[3, 2] = 1.0
+    order = V.region_order(saliency, patch=3)
+    assert sorted(order.tolist()) == list(range(36))
+    first = {(p // 6, p % 6) for p in order[:9]}
+    assert first == {(r, c) for r in (2, 3, 4) for c in (1, 2, 3)}
+    # next most salient not-yet-removed pixel in raster order is (0, 0): its clipped patch is 2×2
+    assert {(p // 6, p % 6) for p in order[9:13]} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    constant = V.region_order(np.zeros((4, 4)), patch=3)
+    assert constant[:4].tolist() == [0, 1, 4, 5]
+
+
+def test_ordering_maps_encode_the_stable_pixel_order_and_seeded_random_ties():
+    maps = torch.tensor([[0.5, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.5]]).reshape(2, 1, 2, 2)
+    encoded = V.ordering_maps(maps, "pixel", 3, "raster", seed=0)
+    assert torch.argsort(-encoded.reshape(2, 4), dim=1).tolist() == [[2, 0, 1, 3], [3, 0, 1, 2]]
+    again = V.ordering_maps(maps, "pixel", 3, "random", seed=1)
+    assert torch.equal(again, V.ordering_maps(maps, "pixel", 3, "random", seed=1))
+    with pytest.raises(ValueError, match="tie_break"):
+        V.ordering_maps(maps, "pixel", 3, "shuffled", seed=0)
+
+
+def test_postprocessing_invariants():
+    torch.manual_seed(0)
+    raw = torch.randn(3, 3, 16, 16)
+    steps = V.postprocessing(64)
+    base = attribution.postprocess(raw, steps["base"])
+    assert float(base.amin()) == 0 and torch.allclose(base.amax(dim=(1, 2, 3)), torch.ones(3))
+    assert torch.equal(attribution.postprocess(base, steps["base"]), base)
+    clipped = attribution.postprocess(raw, steps["clip"])
+    assert ((clipped == 1).sum(dim=(1, 2, 3)) >= math.floor(0.01 * 256)).all()
+    binary = attribution.postprocess(raw, steps["binarised"])
+    assert (binary.sum(dim=(1, 2, 3)) == round(0.1 * 256)).all()
+    blurred = attribution.postprocess(raw, steps["blur"])
+    assert blurred.min() >= 0 and blurred.max() <= 1
+
+
+# ----------------------------------------------------------------------------- the expensive step, tiny
+
+
+SIZES = {"n_train": 16, "n_test": 6, "epochs": 1, "n_images": 4, "steps": 4, "ig_steps": 4, "smoothgrad_samples": 2,
+         "rise_masks": 16, "batch_size": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 32-px version of the synthetic set and two untrained models: every code path, a few seconds."""
+    arrays = data.make_shapes(SIZES["n_test"], 3, "synth_objects_64", image_size=32)
+    mean, std = data.channel_stats(arrays["images"])
+    prepared = {"settings": dict(SIZES), "dataset": "synth_objects_64@32", "train": None, "test": arrays,
+                "mean": mean, "std": std, "image_size": 32, "num_classes": 6}
+    torch.manual_seed(0)
+    runs = {"vgg_like": {"model": V.channels_last(VGGLike(num_classes=6, image_size=32)).eval(), "model_key": "v"},
+            "resnet_like": {"model": ResNetLike(num_classes=6).eval(), "model_key": "r"}}
+    cache = tmp_path_factory.mktemp("cache")
+    evaluation = V.score_everything(runs, prepared, seed=0, device="cpu", cache_dir=cache)
+    return {"prepared": prepared, "runs": runs, "evaluation": evaluation, "cache": cache,
+            "tables": V.analyse(evaluation)}
+
+
+def test_score_table_is_complete_and_in_range(tiny):
+    scores = tiny["evaluation"].scores
+    assert not scores.isna().any().any()
+    maps = scores.groupby("arch")["map"].unique().apply(set)
+    assert "lrp_alpha1beta0" in maps["vgg_like"] and "lrp_alpha1beta0" not in maps["resnet_like"]
+    assert len(maps["vgg_like"]) == 6 + 1 + 6 + 4 and maps["resnet_like"] == maps["vgg_like"] - {"lrp_alpha1beta0"}
+    assert set(scores["metric"]) == set(V.METRICS) | set(V.DESCRIPTORS)
+    assert len(scores) == (17 + 16) * SIZES["n_images"] * (len(V.METRICS) + len(V.DESCRIPTORS))
+    by_metric = scores.groupby("metric")["score"]
+    assert by_metric.min()[list(V.CURVE_METRICS)].min() >= 0 and by_metric.max()[list(V.CURVE_METRICS)].max() <= 1
+    assert by_metric.min()["average_drop"] >= 0 and by_metric.max()["average_drop"] <= 100
+    for metric in V.BINARY_METRICS:
+        assert set(scores.loc[scores["metric"] == metric, "score"]) <= {0.0, 1.0}
+    gt = scores[(scores["map"] == "ground_truth") & (scores["metric"] == "pointing_game")]
+    assert (gt["score"] == 1).all()  # the box contains the first maximal pixel of its own map
+    constant = scores[(scores["map"] == "constant") & (scores["metric"] == "pointing_game")]
+    assert (constant["score"] == 0).all()  # all-zero after min–max → argmax (0, 0), outside every box
+    curves = tiny["evaluation"].curves
+    assert set(curves["fraction"]) == {k / SIZES["steps"] for k in range(SIZES["steps"] + 1)}
+
+
+def test_curve_endpoints_and_cache(tiny):
+    curves = tiny["evaluation"].curves
+    start = curves[curves["fraction"] == 0].groupby(["arch", "metric"])["score"].agg(["min", "max"])
+    end = curves[curves["fraction"] == 1].groupby(["arch", "metric"])["score"].agg(["min", "max"])
+    # deletion starts at p(x) and insertion ends at p(x), whatever the map
+    assert np.allclose(start.loc[start.index.get_level_values(1).str.startswith("deletion")].diff(axis=1)["max"], 0,
+                       atol=1e-6)
+    assert np.allclose(end.loc[end.index.get_level_values(1).str.startswith("insertion")].diff(axis=1)["max"], 0,
+                       atol=1e-6)
+    again = V.score_everything(tiny["runs"], tiny["prepared"], seed=0, device="cpu", cache_dir=tiny["cache"])
+    assert again.from_cache
+    pd.testing.assert_frame_equal(again.scores, tiny["evaluation"].scores, check_dtype=False)
+
+
+def test_method_ranks_known_answer_and_direction():
+    index = pd.MultiIndex.from_tuples([("a", "deletion_zero_pixel"), ("a", "insertion_blur_region")],
+                                      names=["arch", "metric"])
+    means = pd.DataFrame([[0.3, 0.1, 0.2], [0.3, 0.1, 0.2]], index=index, columns=["gradcam", "rise", "occlusion"])
+    ranks = V.method_ranks(means)
+    assert ranks.loc[("a", "deletion_zero_pixel")].tolist() == [3, 1, 2]
+    assert ranks.loc[("a", "insertion_blur_region")].tolist() == [1, 3, 2]
+
+
+def test_ranks_of_the_run_are_permutations(tiny):
+    ranks = tiny["tables"]["ranks"]
+    for (arch, metric), row in ranks.iterrows():
+        values = row.dropna()
+        assert values.min() == 1 and values.max() <= len(values)
+        if metric in V.CURVE_METRICS and tiny["tables"]["means"].loc[(arch, metric)].dropna().nunique() == len(values):
+            assert sorted(values) == list(range(1, len(values) + 1))
+
+
+def test_alpha_equals_recomputation_from_the_table(tiny):
+    reliability = tiny["tables"]["reliability"]
+    scores = tiny["evaluation"].scores
+    checked = 0
+    for row in reliability.itertuples():
+        matrix = V.per_image(scores, row.arch, row.metric).to_numpy()
+        aligned = matrix if V.HIGHER_IS_BETTER[row.metric] else -matrix
+        ranks = stats.rankdata(aligned, axis=1)
+        if np.isnan(row.alpha):
+            assert np.ptp(ranks) == 0 or len(np.unique(ranks)) == 1
+            continue
+        expected = krippendorff.alpha(reliability_data=ranks, level_of_measurement="ordinal")
+        assert row.alpha == pytest.approx(expected)
+        checked += 1
+    assert checked >= 10
+    assert set(reliability["reading"]) <= {"reliable", "tentative", "unreliable", "undefined"}
+
+
+def test_correlations_are_sign_aligned(tiny):
+    correlations = tiny["tables"]["correlations"]
+    scores = tiny["evaluation"].scores
+    rows = correlations[(correlations["metric_a"] == "deletion_zero_pixel") &
+                        (correlations["metric_b"] == "insertion_blur_pixel")]
+    assert len(rows) > 0
+    for row in rows.itertuples():
+        part = scores[(scores["arch"] == row.arch) & (scores["map"] == row.map)]
+        wide = part.pivot(index="image", columns="metric", values="score")
+        raw = stats.spearmanr(wide["deletion_zero_pixel"], wide["insertion_blur_pixel"]).statistic
+        assert row.r == pytest.approx(-raw)  # deletion flipped to 1 − x
+        assert row.correlation == "spearman"
+    kinds = set(correlations["correlation"])
+    assert kinds <= {"identity", "spearman", "point-biserial", "pearson (phi)"}
+    assert (correlations.loc[correlations["metric_a"] == correlations["metric_b"], "r"] == 1).all()
+
+
+def test_grade_shift_and_findings(tiny):
+    shift = tiny["tables"]["shift"]
+    assert len(shift) == 2 * len(V.METRICS) * len(V.MANIPULATED) * len(V.MANIPULATIONS)
+    assert (shift["rank_change"] == shift["rank_original"] - shift["rank_manipulated"]).all()
+    row = shift[(shift["metric"] == "average_drop")].iloc[0]
+    assert row["delta"] == pytest.approx(row["original"] - row["manipulated"])  # lower is better: sign flipped
+    dummies = tiny["tables"]["dummy_ranks"]
+    assert set(V.DUMMIES) <= set(dummies.columns) and dummies.max().max() <= 11
+    rows = V.findings(tiny["tables"])
+    assert len(rows) == 8
+    assert {r["verdict"] for r in rows} <= {"reproduced", "partly reproduced", "not reproduced"}
+    gt_row = rows[5]
+    pg_rank = tiny["tables"]["ranks"].xs("pointing_game", level="metric")["ground_truth"]
+    assert gt_row["verdict"] == ("reproduced" if (pg_rank == 1).all() else gt_row["verdict"])
+    assert (pg_rank == 1).all()
+
+
+def test_train_models_at_smoke_size_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    prepared = V.prepare_synthetic("smoke", 0, n_train=32, n_test=8)
+    assert prepared["train"]["images"].shape == (32, 3, 64, 64) and prepared["num_classes"] == 6
+    assert np.allclose(data.standardise(prepared["train"]["images"], prepared["mean"], prepared["std"]).mean((0, 2, 3)),
+                       0, atol=1e-4)
+    runs = V.train_models(prepared, 0, "cpu", architectures=("vgg_like",))
+    assert not runs["vgg_like"]["from_cache"] and 0 <= runs["vgg_like"]["test"]["accuracy"] <= 1
+    again = V.train_models(prepared, 0, "cpu", architectures=("vgg_like",))
+    assert again["vgg_like"]["from_cache"]
+    assert all(torch.equal(a, b) for a, b in zip(runs["vgg_like"]["model"].state_dict().values(),
+                                                again["vgg_like"]["model"].state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- ImageNet loader
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def _xml(path, filename, width, height, objects):
+    body = "".join(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0"
+                   f"</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+                   "</bndbox></object>" for name, x0, y0, x1, y1 in objects)
+    path.write_text(f"<annotation><folder>val</folder><filename>{filename}</filename><source><database>ILSVRC_2012"
+                    f"</database></source><size><width>{width}</width><height>{height}</height><depth>3</depth>"
+                    f"</size><segmented>0</segmented>{body}</annotation>")
+
+
+@pytest.fixture
+def imagenet_root(tmp_path):
+    """ILSVRC2012-style fixture: class folders of JPEGs, a flat folder of bbox_val XMLs, a synset file."""
+    (tmp_path / "val").mkdir()
+    (tmp_path / "bbox").mkdir()
+    (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(f"{w} some name, other" for w in reversed(WNIDS)))
+    specs = [  # stem, wnid, width, height, objects
+        ("ILSVRC2012_val_00000001", WNIDS[0], 500, 375, [(WNIDS[0], 0, 0, 500, 375)]),
+        ("ILSVRC2012_val_00000002", WNIDS[2], 400, 600, [(WNIDS[2], 150, 250, 250, 350), (WNIDS[1], 0, 0, 40, 40)]),
+        ("ILSVRC2012_val_00000003", WNIDS[2], 300, 300, [(WNIDS[2], 10, 10, 100, 100)]),
+    ]
+    for stem, wnid, width, height, objects in specs:
+        folder = tmp_path / "val" / wnid
+        folder.mkdir(exist_ok=True)
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[:, : width // 2, 0] = 255  # left half red, right half blue
+        pixels[:, width // 2:, 2] = 255
+        Image.fromarray(pixels).save(folder / f"{stem}.JPEG", quality=95)
+        _xml(tmp_path / "bbox" / f"{stem}.xml", stem, width, height, objects)
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "val" / WNIDS[0] / "no_annotation.JPEG")
+    return tmp_path
+
+
+def test_box_transform_invariants():
+    full = imagenet.transform_boxes([0, 0, 500, 375], 500, 375)
+    assert full.tolist() == [[0, 0, 224, 224]]
+    centred = imagenet.transform_boxes([200, 137.5, 300, 237.5], 500, 375)[0]
+    assert (centred[0] + centred[2]) / 2 == pytest.approx(112) and (centred[1] + centred[3]) / 2 == pytest.approx(112)
+    r, sx, sy = imagenet.crop_geometry(500, 375)
+    assert r == pytest.approx(256 / 375) and sx == pytest.approx((500 * r - 224) / 2) and sy == pytest.approx(16)
+
+
+def test_parse_annotation_reads_size_and_objects(imagenet_root):
+    note = imagenet.parse_annotation(imagenet_root / "bbox" / "ILSVRC2012_val_00000002.xml")
+    assert (note["width"], note["height"]) == (400, 600)
+    assert note["objects"] == [(WNIDS[2], 150.0, 250.0, 250.0, 350.0), (WNIDS[1], 0.0, 0.0, 40.0, 40.0)]
+    bad = imagenet_root / "bad.xml"
+    bad.write_text("<annotation><object><name>n01440764</name></object></annotation>")
+    with pytest.raises(ValueError, match="size"):
+        imagenet.parse_annotation(bad)
+
+
+def test_load_imagenet_boxes_on_the_fixture(imagenet_root):
+    out = imagenet.load_imagenet_boxes(imagenet_root, annotations=imagenet_root / "bbox")
+    assert out["images"].shape == (3, 3, 224, 224) and out["images"].dtype == np.float32
+    assert out["wnids"] == sorted(WNIDS) and out["labels"].tolist() == [0, 2, 2]
+    assert out["files"][0].endswith("ILSVRC2012_val_00000001.JPEG")  # the file without an XML is skipped
+    assert out["boxes"][0].tolist() == [[0, 0, 0, 224, 224]]
+    # 400×600 image: r = 0.64, shift (16, 80); box (150, 250, 250, 350) → (80, 80, 144, 144)
+    assert out["boxes"][1].tolist()[0] == [2, 80, 80, 144, 144]
+    assert len(out["boxes"][1]) == 1  # the other class's box lies outside the crop: dropped
+    assert out["masks"][1].sum() == 64 * 64 and out["masks"][0].all()
+    image = out["images"][0]  # 500×375: centre crop keeps the red/blue split at the middle column
+    assert image[0, 112, 20] > 0.9 and image[2, 112, 20] < 0.1 and image[2, 112, 200] > 0.9
+    assert out["class_list"] == [WNIDS[0], WNIDS[2]]
+
+
+def test_load_imagenet_boxes_selection_and_errors(imagenet_root):
+    one = imagenet.load_imagenet_boxes(imagenet_root, n_classes=1, seed=0)
+    again = imagenet.load_imagenet_boxes(imagenet_root, n_classes=1, seed=0)
+    assert one["class_list"] == again["class_list"] and len(one["class_list"]) == 1
+    picked = imagenet.load_imagenet_boxes(imagenet_root, class_list=[WNIDS[2]], per_class=1)
+    assert picked["labels"].tolist() == [2] and len(picked["files"]) == 1
+    with pytest.raises(ValueError, match="class_list"):
+        imagenet.load_imagenet_boxes(imagenet_root, class_list=[WNIDS[1]])
+    (imagenet_root / "LOC_synset_mapping.txt").unlink()
+    with pytest.raises(ValueError, match="WordNet ids"):
+        imagenet.load_imagenet_boxes(imagenet_root)
+    flat = imagenet.load_imagenet_boxes(imagenet_root, wnids=WNIDS)
+    assert flat["labels"].tolist() == [0, 2, 2]
+    with pytest.raises(ValueError, match="not a folder"):
+        imagenet.load_imagenet_boxes(imagenet_root / "missing")
+
+
+def test_imagenet_model_rejects_missing_weights_and_unknown_architectures(tmp_path):
+    with pytest.raises(ValueError, match="weights_path"):
+        imagenet.imagenet_model("resnet50", tmp_path / "none.pth")
+    with pytest.raises(ValueError, match="unknown ImageNet architecture"):
+        imagenet.imagenet_model("vgg19", tmp_path / "none.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, bad)
+    with pytest.raises(ValueError, match="not a torchvision resnet50"):
+        imagenet.imagenet_model("resnet50", bad)
+
+
+def test_vectorised_correlations_match_the_reference_implementations(tiny):
+    from study import metrics
+
+    scores = tiny["evaluation"].scores
+    part = scores[(scores["arch"] == "vgg_like") & (scores["map"] == "integrated_gradients") & (scores["kind"] == "metric")]
+    wide = part.pivot(index="image", columns="metric", values="score")
+    varying = [m for m in V.METRICS if wide[m].nunique() > 1]
+    r, kind = V.correlation_matrix(wide[varying])
+    expected, kinds = metrics.metric_correlation_matrix({m: wide[m].to_numpy() for m in varying},
+                                                        {m: V.HIGHER_IS_BETTER[m] for m in varying},
+                                                        binary=[m for m in varying if m in V.BINARY_METRICS],
+                                                        return_kinds=True)
+    assert np.allclose(r, expected.to_numpy(), atol=1e-9)
+    assert (kind == kinds.to_numpy()).all()
+    table = pd.DataFrame([[0.3, 0.1, 0.2, 0.4], [0.1, 0.3, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0]])
+    tau = V.kendall_tau_matrix(table)
+    assert tau[0, 1] == pytest.approx(stats.kendalltau(table.iloc[0], table.iloc[1]).statistic)
+    assert tau[0, 0] == pytest.approx(1) and np.isnan(tau[0, 2])
+
+
+def test_imagenet_path_end_to_end_on_the_fixture(imagenet_root, tmp_path, monkeypatch):
+    """prepare_imagenet → evaluation set → maps and grades with a tiny conv net, at a 64-px crop
+    (Resize(73) → CenterCrop(64); the pretrained VGG16 / ResNet50 at 224 px are too slow for a unit test)."""
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    prepared = V.prepare_imagenet("smoke", 0, imagenet_root, n_classes=2, n_images=4, steps=2, ig_steps=2,
+                                  smoothgrad_samples=2, rise_masks=8, resize=73, crop=64)
+    assert prepared["image_size"] == 64 and prepared["num_classes"] == 3 and len(prepared["class_list"]) == 2
+    evaluation = V.evaluation_set(prepared, 4)
+    assert evaluation["images"].shape == (3, 3, 64, 64)
+    assert evaluation["masks"][0].all() and 0 < evaluation["masks"][1].sum() < 64 * 64
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    result = V.score_everything({"tiny": {"model": net, "model_key": "tiny"}}, prepared, seed=0, device="cpu")
+    scores = result.scores
+    assert not scores["score"].isna().any() and scores["image"].nunique() == 3
+    assert "lrp_alpha1beta0" in set(scores["map"])  # a plain Sequential: LRP runs
+    gt = scores[(scores["map"] == "ground_truth") & (scores["metric"] == "pointing_game")]
+    assert (gt["score"] == 1).all()

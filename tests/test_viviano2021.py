@@ -1,0 +1,300 @@
+"""Steps of notebook 04 (Viviano et al. 2021) at smoke size, and the X-ray path on a tiny fixture."""
+
+import importlib
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from study import config, data, xray
+from study.experiments import viviano2021 as v
+
+
+@pytest.fixture
+def smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    return v.experiment_settings("smoke")
+
+
+class DistractorReader(nn.Module):
+    """Reads only the distractor sites: logit 1 = right site (class 1 unflipped), logit 0 = left."""
+
+    def forward(self, x):
+        rows = slice(*data.CROSS_DISTRACTOR_ROWS)
+        left = x[:, 0, rows, slice(*data.CROSS_DISTRACTOR_COLS[0])].sum((1, 2))
+        right = x[:, 0, rows, slice(*data.CROSS_DISTRACTOR_COLS[1])].sum((1, 2))
+        return torch.stack([left, right], 1)
+
+
+# ---------------------------------------------------------------------------- card values
+
+def test_hyperparameters_and_card_tables_match_the_card():
+    synth = v.HYPERPARAMETERS[v.SYNTHETIC]
+    assert (synth["gradmask"].lr, synth["gradmask"].lam, synth["gradmask"].sigma) == (1e-2, 0.203439, 1.0)
+    assert (synth["adversarial"].lam, synth["adversarial"].disc_iter, synth["adversarial"].disc_lr) == (10.0, 10, 1e-2)
+    assert (synth["rrr"].lr, synth["rrr"].lam, synth["rrr"].sigma) == (1e-5, 10.0, 0.0)
+    assert v.HYPERPARAMETERS["rsna_vpc"]["actdiff"] == v.Hyper(4.1e-5, lam=1.60256)
+    for dataset in v.DATASETS:
+        card = v.card_main(dataset)
+        assert card.shape == (6, 8)
+    assert v.card_main(v.SYNTHETIC).loc["rrr", "iou_ig"] == "0.41±0.02"
+    assert v.card_main("rsna_vpc").loc["baseline", "test_auc"] == "0.20±0.03"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        v.card_main("cifar")
+
+
+def test_settings_validate_methods_and_burn_in():
+    with pytest.raises(ValueError, match="unknown methods"):
+        v.experiment_settings("smoke", methods=["baseline", "magic"])
+    with pytest.raises(ValueError, match="burn_in"):
+        v.experiment_settings("smoke", epochs=1)
+    assert v.scale_table(v.experiment_settings("quick")).loc["width", "paper"] == "64"
+
+
+# ---------------------------------------------------------------------------- data per method
+
+def test_method_arrays_mask_the_right_splits(smoke):
+    splits = v.load_splits(v.SYNTHETIC, 0, smoke)
+    hyper = v.HYPERPARAMETERS[v.SYNTHETIC]["masked"]
+    masked = v.method_arrays("masked", splits, hyper)
+    dilated = masked["train"]["masks"]
+    assert (dilated | ~splits["train"]["masks"]).all() and dilated.sum() > splits["train"]["masks"].sum()
+    assert (masked["train"]["images"][~dilated] == 0).all()
+    np.testing.assert_array_equal(masked["test"]["images"], splits["test"]["images"])  # test unmasked
+    np.testing.assert_array_equal(masked["test"]["masks"], splits["test"]["masks"])    # exact masks for evaluation
+    maskall = v.method_arrays("maskall", splits, hyper)
+    assert maskall["test"]["images"].sum() < splits["test"]["images"].sum()  # the distractor is gone
+    baseline = v.method_arrays("baseline", splits, hyper)
+    np.testing.assert_array_equal(baseline["train"]["images"], splits["train"]["images"])
+
+
+def test_skip_empty_masks_makes_empty_masks_all_inside():
+    masks = np.zeros((2, 1, 5, 5), bool)
+    masks[0, 0, 2, 2] = True
+    assert v.training_masks(masks, 0.0, skip_empty_masks=True)[1].all()
+    assert not v.training_masks(masks, 0.0)[1].any()
+
+
+def test_shuffle_loader_and_input_gradient_loader(smoke):
+    arrays = v.load_splits(v.SYNTHETIC, 0, smoke)["train"]
+    batch = next(iter(v.make_loader(arrays, shuffle=False, seed=0, transform=v._ShuffleOutside(0))))
+    raw = torch.as_tensor(arrays["images"][: len(batch["image"])])
+    masks = batch["mask"].expand_as(raw)
+    assert torch.equal(batch["image"][masks], raw[masks])
+    assert not torch.equal(batch["image"], raw)
+    assert torch.equal(batch["image"].sum((1, 2, 3)), raw.sum((1, 2, 3)))
+    assert next(iter(v.make_loader(arrays, shuffle=False, seed=0, input_grad=True)))["image"].requires_grad
+
+
+# ---------------------------------------------------------------------------------- training
+
+def test_train_method_selects_after_burn_in_and_caches(smoke):
+    splits = v.load_splits(v.SYNTHETIC, 0, smoke)
+    first = v.train_method("gradmask", splits, smoke, 0)
+    assert len(first["fit"].history) == smoke["epochs"]
+    assert first["fit"].best_epoch >= smoke["burn_in"]  # card §7.12
+    assert not first["fit"].from_cache and 0 <= first["test"]["auc"] <= 1
+    again = v.train_method("gradmask", splits, smoke, 0)
+    assert again["fit"].from_cache and again["test"]["auc"] == first["test"]["auc"]
+    with pytest.raises(ValueError, match="unknown method"):
+        v.train_method("magic", splits, smoke, 0)
+    with pytest.raises(ValueError, match="no tuned values"):
+        v.train_method("rrr_trainable", splits, smoke, 0, dataset="rsna_vpc")
+
+
+def test_fit_adversarial_counts_encoder_steps_over_the_run(smoke):
+    arrays = v.load_splits(v.SYNTHETIC, 0, smoke)
+    config.seed_everything(0)
+    model = v.SmallResNet18(1, 2, width=2)
+    loader = v.make_loader(arrays["train"], shuffle=True, seed=0)  # 48 images: 3 batches per epoch
+    valid = v.make_loader(arrays["valid"], shuffle=False, seed=0, batch_size=64)
+    hyper = v.Hyper(1e-3, lam=1.0, disc_iter=2, disc_lr=1e-3)
+    result = v.fit_adversarial(model, loader, epochs=3, lr=1e-3, hyper=hyper, valid_loader=valid, burn_in=1, seed=0,
+                               disc_hidden=8)
+    assert [row["encoder_steps"] for row in result.history] == [1, 2, 1]  # batches 2 | 4, 6 | 8
+    assert result.best_epoch >= 1
+
+
+# --------------------------------------------------------------------------- alignment, severity
+
+def test_alignment_known_answers_with_a_distractor_reader(smoke):
+    splits = v.load_splits(v.SYNTHETIC, 0, smoke)
+    images, labels, masks = v.positive_test(splits["test"])
+    assert (labels == 1).all() and masks.flatten(1).any(1).all()
+    maps = v.saliency_maps(DistractorReader(), images, labels, smoke, device="cpu")
+    assert {k: m.shape for k, m in maps.items()} == {k: images.shape for k in v.ATTRIBUTIONS}
+    perfect = v.overlap({"truth": masks.float()}, masks)
+    assert perfect == {"iou_truth": 1.0, "iop_truth": 1.0, "iot_truth": 1.0}
+    scores = v.overlap(maps, masks)
+    assert scores["iou_occlusion"] < 0.2  # the reader's evidence sits on the distractor, not the crosses
+
+
+def test_severity_of_a_distractor_reader_goes_from_one_to_zero(smoke):
+    s = {**smoke, "severity_ps": [0.0, 0.5, 1.0]}
+    runs = [{"method": "baseline", "seed": 0, "model": DistractorReader()}]
+    table = v.severity(runs, s, v.SYNTHETIC, 0, device="cpu")
+    auc = table.set_index("flip_prob")["test_auc"]
+    assert auc[0.0] == 1.0 and auc[1.0] == 0.0 and 0.2 < auc[0.5] < 0.8
+    assert "iou_grad" in table
+    with pytest.raises(ValueError, match="synthetic"):
+        v.severity(runs, s, "rsna_vpc", 0)
+
+
+# ------------------------------------------------------------------------- tables, findings
+
+def _fake_table():
+    rows = []
+    for seed in range(3):
+        for method, auc, iou in [("baseline", 0.0, 0.05), ("masked", 0.99, 0.6), ("actdiff", 1.0, 0.5),
+                                 ("adversarial", 0.85 + 0.05 * seed, 0.45), ("gradmask", 0.7, 0.4),
+                                 ("rrr", 0.5, 0.1), ("shuffle", 0.98, 0.55)]:
+            rows.append({"method": method, "seed": seed, "val_auc": auc, "test_auc": auc + 0.001 * seed,
+                         **{f"{sc}_{a}": iou + 0.01 * seed for sc in v.SCORES for a in v.ATTRIBUTIONS}})
+    return pd.DataFrame(rows)
+
+
+def test_correlation_known_answers():
+    result = v.correlation([0, 1, 2, 3, 4], [0, 2, 4, 6, 9])
+    assert result["spearman"] == pytest.approx(1.0)
+    assert result["pearson"] == pytest.approx(np.corrcoef([0, 1, 2, 3, 4], [0, 2, 4, 6, 9])[0, 1])
+    assert result["pearson_low"] < result["pearson"] <= result["pearson_high"]
+    assert np.isnan(v.correlation([1, 1, 1, 1], [0, 1, 2, 3])["pearson"])
+    with pytest.raises(ValueError, match=">= 3"):
+        v.correlation([0, 1], [1, 0])
+
+
+def test_summary_card_table_and_findings_from_numbers():
+    table = _fake_table()
+    summary = v.summary_table(table)
+    assert summary.loc["baseline", "test_auc"] == "0.00±0.00"
+    side = v.card_table(summary)
+    assert side.loc["A: Baseline", "test_auc"] == "0.00±0.00 | 0.00±0.00"
+    assert side.loc["Masked-shuffle (control)", "test_auc"].startswith("1.000±0.000 | ")
+    corr = v.correlations(table)
+    assert (corr["pearson"] > 0.9).all()
+    severity = pd.DataFrame([{"method": m, "seed": 0, "flip_prob": p, "test_auc": auc, "iou_grad": 0.3}
+                             for p in (0.0, 0.5, 1.0)
+                             for m, auc in (("baseline", 1 - p), ("masked", 1.0), ("actdiff", 1.0))])
+    shares = pd.Series({"baseline": 0.4, "actdiff": 0.05})
+    verdicts = {row["claim"].split(" ")[0] + row["claim"][-12:]: row["verdict"]
+                for row in v.findings(table, corr, severity, shares)}
+    assert list(verdicts.values()) == ["reproduced"] * 9 + ["not tested"]
+
+
+# ------------------------------------------------------------------------------ X-ray path
+
+def test_expected_counts_reproduce_the_card():
+    rsna = xray.expected_counts(1348, 0.9)
+    assert rsna["train"].tolist() == [1213, 134, 134, 1213]
+    assert rsna["valid"].tolist() == [67, 606, 606, 67]
+    assert rsna["test"].tolist() == [68, 608, 608, 68]
+    assert (rsna[["train", "valid", "test"]].sum(1) == 1348).all()
+    balanced = xray.expected_counts(200, 0.5)
+    assert balanced["train"].nunique() == 1 and balanced["valid"].nunique() == 1
+    status = v.real_data_status(None, 8).set_index(["setting", "n_per_cell"])
+    assert status.loc[("rsna_vpc", 1348), "train (s0-/s0+/s1-/s1+)"] == "1213/134/134/1213"
+    with pytest.raises(ValueError, match="ratio"):
+        xray.expected_counts(10, 1.5)
+
+
+class _FakeSite:
+    """The attributes CovariateDataset and SubsetDataset read, no images."""
+
+    pathologies = ["Custom"]
+
+    def __init__(self, n):
+        self.csv = pd.DataFrame({"i": range(n)})
+        self.labels = np.zeros((n, 1), np.float32)
+
+    def __len__(self):
+        return len(self.csv)
+
+
+def test_covariate_dataset_counts_match_the_rule():
+    pytest.importorskip("torchxrayvision")
+    targets = np.array([0] * 60 + [1] * 50)
+    sites = [(_FakeSite(110), targets), (_FakeSite(110), targets[::-1].copy())]
+    datasets = xray.covariate_splits(*sites, ratio=0.9, n_per_cell=50, seed=0)
+    pd.testing.assert_frame_equal(xray.split_counts(datasets), xray.expected_counts(50, 0.9))
+
+
+def test_torchxrayvision_is_imported_lazily_with_a_clear_error(monkeypatch):
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchxrayvision"]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.reload(xray)
+    assert "torchxrayvision" not in sys.modules  # importing study.xray does not import it
+    monkeypatch.setitem(sys.modules, "torchxrayvision", None)
+    with pytest.raises(ImportError, match=r"\.\[xray\]"):
+        xray.import_xrv()
+
+
+def _png(path, value, size=32, bits=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.full((size, size), value, np.uint16 if bits == 16 else np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def _rsna_fixture(root, per_cell=6):
+    rows, headers = [], []
+    for view in ("PA", "AP"):
+        for label in (0, 1):
+            for k in range(per_cell):
+                pid = f"{view}{label}{k:02d}"
+                _png(root / "rsna/stage_2_train_images_jpg" / f"{pid}.jpg", 60 + 40 * label)
+                box = (256.0, 256.0, 256.0, 512.0) if label else (np.nan,) * 4
+                rows.append((pid, *box, label))
+                headers.append((pid, view))
+    pd.DataFrame(rows, columns=["patientId", "x", "y", "width", "height", "Target"]).to_csv(
+        root / "rsna/stage_2_train_labels.csv", index=False)
+    pd.DataFrame(headers, columns=["PatientID", "ViewPosition"]).to_csv(
+        root / "rsna/stage_2_train_images_dicom_headers.csv", index=False)
+
+
+def _xray_fixture(root, per_cell=6):
+    nih = []
+    for label, finding in ((1, "Cardiomegaly|Effusion"), (0, "No Finding")):
+        for k in range(per_cell):
+            name = f"000{label}{k:04d}_000.png"
+            _png(root / "nih/images-224" / name, 100 + 50 * label)
+            nih.append((name, finding, 0, 1000 + 10 * label + k, 50, "M", "PA"))
+    nih.append(("00099999_000.png", "Mass", 0, 9999, 50, "F", "AP"))  # neither class: dropped
+    _png(root / "nih/images-224/00099999_000.png", 10)
+    pd.DataFrame(nih, columns=["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+                               "Patient Gender", "View Position"]).to_csv(root / "nih/Data_Entry_2017_v2020.csv", index=False)
+    (root / "nih/BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,,,,\n")
+    padchest = []
+    for label, labels in ((1, "['cardiomegaly', 'pleural effusion']"), (0, "['normal']")):
+        for k in range(per_cell):
+            name = f"pc{label}{k:03d}.png"
+            _png(root / "padchest/images-224" / name, 20000 + 20000 * label, bits=16)
+            padchest.append((name, "PA", labels, f"p{label}{k}", 1950, 20140101, "F"))
+    pd.DataFrame(padchest, columns=["ImageID", "Projection", "Labels", "PatientID", "PatientBirth", "StudyDate_DICOM",
+                                    "PatientSex_DICOM"]).to_csv(
+        root / "padchest/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", index=False)
+
+
+@pytest.mark.parametrize("setting", ["rsna_vpc", "xray_spc"])
+def test_load_setting_on_a_fixture_in_the_real_layout(setting, tmp_path, monkeypatch):
+    pytest.importorskip("torchxrayvision")
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    (_rsna_fixture if setting.startswith("rsna") else _xray_fixture)(tmp_path / "data")
+    splits = xray.load_setting(setting, data_root=tmp_path / "data", size=16, n_per_cell=4, seed=0)
+    expected = xray.expected_counts(4, 0.9)
+    for split, arrays in splits.items():
+        assert arrays["images"].shape == (expected[split].sum(), 1, 16, 16)
+        assert arrays["images"].min() >= -1024 and arrays["images"].max() <= 1024
+        for (site, label), count in zip(xray.CELLS, expected[split]):
+            assert ((arrays["group"] == int(site[-1])) & (arrays["labels"] == label)).sum() == count
+    test = splits["test"]
+    if setting.startswith("rsna"):
+        assert test["masks"][test["labels"] == 1].reshape(-1, 256).any(1).all()   # boxes on positives
+        assert not test["masks"][test["labels"] == 0].any()                       # empty on negatives
+    else:
+        assert (test["masks"] == xray.ellipse_mask(16)).all()
+        assert xray.ellipse_mask(100).mean() == pytest.approx(np.pi / 2.5**2, abs=0.01)  # about half the image
+    with pytest.raises(FileNotFoundError, match="layout"):
+        xray.load_setting(setting, data_root=tmp_path / "nowhere", size=16, n_per_cell=4)
