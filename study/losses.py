@@ -348,3 +348,15 @@ class ActDiffExtraLoss:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Rao et al.'s guidance losses and Phang et al.'s masking objectives live beside the models they
+# need (study.guidance, study.masking); they are re-exported here so every loss is study.losses.<name>.
+from study.guidance import energy_loss, guidance_loss, l1_loss, ppce_loss, rrr_star_loss  # noqa: E402,F401
+from study.masking import (  # noqa: E402,F401
+    gated_area_penalty,
+    masked_in_loss,
+    masked_out_loss,
+    masker_objective,
+    total_variation,
+)
