@@ -22,7 +22,7 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
     sections = ["# Findings\n", "Written by `make reproduce` from each notebook's `findings.csv`.\n"]
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
-        table = pd.read_csv(folder / "findings.csv").fillna("")
+        table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
         counts = table["verdict"].value_counts()
         summary.append(f"| {folder.name} | " + ", ".join(f"{n} {v}" for v, n in counts.items()) + " |")
         figures = " · ".join(f"[{png.stem}]({folder.name}/{png.name})" for png in sorted(folder.glob("*.png")))
