@@ -397,3 +397,22 @@ def test_evaluate_reports_f1_epg_and_on_object_share():
     assert scores["epg"] == pytest.approx(G.energy_pointing_game(maps, boxes[[0, 1, 1, 2], 0][:, None]).mean().item())
     with pytest.raises(ValueError, match="class_masks"):
         G.GuidanceData(images, labels, boxes[:, :1])
+
+
+def test_finetune_evaluates_test_exactly_on_the_final_validation_front():
+    torch.manual_seed(0)
+    images, labels, masks = _batch()
+    data = G.GuidanceData(images, labels, masks)
+    model = G.build_model("vanilla", 3, (4, 4, 4, 4))
+    calls = []
+    result = G.guided_finetune(model, data, data, loss="energy", layer="input", lam=1.0, epochs=5, lr=1e-2,
+                               batch_size=4, on_front=lambda m: calls.append(1) or {"f1": 0.5, "epg": 0.5, "iou_curve":
+                                                                                   [0.1] * len(G.IOU_THRESHOLDS)})
+    history = result["history"]
+    points = [[h["valid_f1"], h["valid_epg"], h["valid_iou"]] for h in history]
+    on_front = G.pareto_mask(points)
+    assert [("test_epg" in h) for h in history] == on_front.tolist() and len(calls) == on_front.sum()
+    assert all(h["test_iou"] == 0.1 for h in history if "test_epg" in h)
+    assert set(result["state"]) == set(model.state_dict())
+    with pytest.raises(ValueError, match="lam"):
+        G.guided_finetune(model, data, data, loss="energy", layer="input", lam=-1.0, epochs=1)

@@ -296,6 +296,9 @@ def test_smoke_pipeline_analysis_and_findings(smoke):
     assert ((birds.overall >= 0) & (birds.overall <= 100)).all()
     table = R.birds_table(birds)
     assert table.loc[table.model == "Energy", "paper_conv_worst"].item() == "56.1 ± 4.0"
+    third = R.third_party_table(baselines["table"], front)
+    assert len(third) == 7 and third.loc[0, "3rd-party EPG"] == "0.301" and third["this run EPG"].ne("n/a").all()
+    assert list(R.quirks_table().quirk) == [f"Q{i}" for i in range(1, 13)]
     rows = R.findings(s, baselines["table"], summary, R.on_object_table(front, baselines["table"]), fractions, dilation,
                       depth, birds, front)
     assert len(rows) == 11

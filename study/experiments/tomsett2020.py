@@ -658,11 +658,17 @@ def plot_curves(curves: pd.DataFrame, variants: list[str]):
     return fig, part.reset_index(drop=True)
 
 
+MANY_VARIANTS = 12  # above this many variants the variant axis gets a figure row (or the y axis) of its own
+
+
 def plot_rank_shift(summary: pd.DataFrame):
     """Each method's rank (by mean score) in every variant, one panel per metric: crossing lines = rankings move."""
     variants = list(dict.fromkeys(summary["variant"]))
     palette = _method_palette(summary["method"].unique())
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(0.42 * len(variants) * len(METRICS) + 3, 4.4), sharey=True)
+    stacked = len(variants) > MANY_VARIANTS
+    shape, size = ((len(METRICS), 1), (0.34 * len(variants) + 3, 3.0 * len(METRICS) + 1.5)) if stacked else \
+        ((1, len(METRICS)), (0.42 * len(variants) * len(METRICS) + 3, 4.4))
+    fig, axes = plt.subplots(*shape, figsize=size, sharey=True, sharex=stacked)
     for ax, metric in zip(axes, METRICS):
         part = summary[summary["metric"] == metric]
         for method, rows in part.groupby("method", sort=False):
@@ -671,10 +677,11 @@ def plot_rank_shift(summary: pd.DataFrame):
                     linestyle="--" if method in SIGNED_METHODS else "-", linewidth=1.3)
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(METRIC_LABELS[metric])
+        if stacked or ax is axes[0]:
+            ax.set_ylabel("rank by mean score\n(1 = best)")
     axes[0].set_yticks(range(1, summary["method"].nunique() + 1))
     axes[0].invert_yaxis()
-    axes[0].set_ylabel("rank by mean score (1 = best)")
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    axes[0 if stacked else -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.tight_layout()
     return fig, summary[["variant", "metric", "method", "mean", "rank"]]
 
@@ -697,15 +704,19 @@ def plot_rank_frequency(summary: pd.DataFrame):
 
 
 def plot_alpha_heatmap(alphas: pd.DataFrame):
-    """α per metric × variant, with all methods and without Random."""
+    """α per metric × variant, with all methods and without Random (variants as rows when there are many)."""
     sets = list(dict.fromkeys(alphas["methods"]))
     variants = list(dict.fromkeys(alphas["variant"]))
-    fig, axes = plt.subplots(len(sets), 1, figsize=(0.8 * len(variants) + 3, 2.3 * len(sets) + 1.0), squeeze=False)
-    for ax, name in zip(axes[:, 0], sets):
+    many = len(variants) > MANY_VARIANTS
+    shape, size = ((1, len(sets)), (5.2 * len(sets), 0.3 * len(variants) + 1.8)) if many else \
+        ((len(sets), 1), (0.8 * len(variants) + 3, 2.3 * len(sets) + 1.0))
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
+    for ax, name in zip(axes.flat, sets):
         grid = (alphas[alphas["methods"] == name].pivot(index="metric", columns="variant", values="alpha")
                 .reindex(index=list(METRICS), columns=variants).rename(index=METRIC_LABELS))
-        _heatmap(ax, grid, vmin=0, vmax=1, cmap="RdYlGn", xrotation=45, colorbar="α", fontsize=8)
-        ax.set_title(f"Krippendorff's α (ordinal, ranks within images), {name} "
+        _heatmap(ax, grid.T if many else grid, vmin=0, vmax=1, cmap="RdYlGn", xrotation=30 if many else 45,
+                 colorbar="α", fontsize=8)
+        ax.set_title(f"Krippendorff's α (ordinal, ranks within images), {name}\n"
                      f"(≥ {metrics.KRIPPENDORFF_RELIABLE} reliable, ≥ {metrics.KRIPPENDORFF_TENTATIVE} tentative)",
                      fontsize=9)
     fig.tight_layout()
@@ -713,14 +724,15 @@ def plot_alpha_heatmap(alphas: pd.DataFrame):
 
 
 def plot_alpha_ci(alphas: pd.DataFrame):
-    """α with its bootstrap CI per variant (x) and metric (colour), with Krippendorff's 0.667 and 0.8 lines."""
+    """α with its bootstrap CI per variant (x) and metric (colour), with Krippendorff's 0.667 and 0.8 lines;
+    one row per method set."""
     sets = list(dict.fromkeys(alphas["methods"]))
     variants = list(dict.fromkeys(alphas["variant"]))
-    fig, axes = plt.subplots(1, len(sets), figsize=(0.55 * len(variants) * len(sets) + 3, 4.4), sharey=True,
+    fig, axes = plt.subplots(len(sets), 1, figsize=(0.5 * len(variants) + 4, 3.6 * len(sets) + 0.8), sharex=True,
                              squeeze=False)
     colours = dict(zip(METRICS, sns.color_palette("deep", len(METRICS))))
     offsets = dict(zip(METRICS, np.linspace(-0.27, 0.27, len(METRICS))))
-    for ax, name in zip(axes[0], sets):
+    for ax, name in zip(axes[:, 0], sets):
         part = alphas[alphas["methods"] == name]
         for metric in METRICS:
             rows = part[part["metric"] == metric].set_index("variant").reindex(variants)
@@ -734,8 +746,8 @@ def plot_alpha_ci(alphas: pd.DataFrame):
                         textcoords="offset points", va="center", fontsize=8)
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(name, fontsize=10)
-    axes[0, 0].set_ylabel("Krippendorff's α (95% bootstrap CI)")
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.08, 1), fontsize=8)
+        ax.set_ylabel("Krippendorff's α\n(95% bootstrap CI)")
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.06, 1), fontsize=8)
     fig.tight_layout()
     return fig, alphas
 
