@@ -483,11 +483,14 @@ def iou_curve(maps: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[floa
     low = positive.amin(1, keepdim=True)
     span = positive.amax(1, keepdim=True) - low
     normalised = torch.where(span > 0, (positive - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-    kept = (normalised[:, None, :] >= thresholds[None, :, None]) & (span > 0)[:, :, None]
-    truth = masks.flatten(1)[:, None, :]
-    intersection = (kept & truth).sum(-1).to(maps.dtype)
-    union = (kept | truth).sum(-1).to(maps.dtype)
-    return torch.where(union > 0, intersection / union.clamp_min(1), torch.zeros_like(union))
+    truth = masks.flatten(1)
+    curve = []
+    for threshold in thresholds:  # one threshold at a time keeps memory at O(B·H·W)
+        kept = (normalised >= threshold) & (span > 0)
+        intersection = (kept & truth).sum(-1).to(maps.dtype)
+        union = (kept | truth).sum(-1).to(maps.dtype)
+        curve.append(torch.where(union > 0, intersection / union.clamp_min(1), torch.zeros_like(union)))
+    return torch.stack(curve, dim=1)
 
 
 # ----------------------------------------------------------------------------- data for guidance

@@ -48,6 +48,8 @@ LOSS_COLOURS = {"energy": "tab:red", "l1": "tab:blue", "ppce": "tab:green", "rrr
 GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
 WORST_GROUP = 2  # waterbird on land (card §2 E6)
 F1_TOLERANCE = 0.02  # "F1 kept": within 2 pp of the baseline
+# Bump when training or evaluation code changes its results, so that cached runs of older code are not reused.
+RESULTS_VERSION = 1
 
 # The paper's Table 1 (Waterbirds-100, B-cos, 1% boxes, mean ± std over 4 runs), card §3.1.
 PAPER_TABLE1 = pd.DataFrame([
@@ -340,7 +342,8 @@ def _build(config_name: str, num_classes: int, s_or_widths, seed: int) -> G.ToyN
 def baseline_spec(s: dict, recipe: dict, config_name: str, seed: int) -> dict:
     family = CONFIGS[config_name][0]
     epochs = s["birds_baseline_epochs"] if "task" in recipe else s["baseline_epochs"]
-    return {"kind": "baseline", "recipe": recipe, "family": family, "widths": list(s["widths"]),
+    return {"kind": "baseline", "version": RESULTS_VERSION, "recipe": recipe, "family": family,
+            "widths": list(s["widths"]),
             "epochs": epochs, "lr": s["biasfree_baseline_lr"] if family in ("bcos", "xdnn") else s["baseline_lr"],
             "batch_size": s["batch_size"], "seed": seed}
 
@@ -349,11 +352,11 @@ def finetune_spec(s: dict, base: dict, config_name: str, layer: str, loss: str, 
                   dilation: float = 0.0, track: str = "front", eval_layers: tuple = (), epochs: int | None = None,
                   tag: str = "", recipe: dict | None = None, final: str = "full") -> dict:
     """A stage-2 run from the baseline `base` on the data `recipe` (default: the baseline's).
-    `track`: "front" evaluates validation every epoch and test on the running Pareto front,
-    "final" only trains; `final`: evaluate the last state on validation and test ("full"), on
+    `track`: "front" evaluates validation every epoch and test on the run's validation Pareto
+    front, "final" only trains; `final`: evaluate the last state on validation and test ("full"), on
     test only ("test") or not at all ("none")."""
-    return {"kind": "finetune", "base": base, "recipe": recipe or base["recipe"], "config": config_name,
-            "layer": layer, "loss": loss, "lam": float(lam),
+    return {"kind": "finetune", "version": RESULTS_VERSION, "base": base, "recipe": recipe or base["recipe"],
+            "config": config_name, "layer": layer, "loss": loss, "lam": float(lam),
             "fraction": fraction, "dilation": dilation, "epochs": epochs or s["finetune_epochs"], "lr": s["finetune_lr"],
             "batch_size": s["batch_size"], "seed": base["seed"], "track": track, "eval_layers": list(eval_layers),
             "tag": tag, "final": final}
@@ -1067,18 +1070,25 @@ def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object
 
     conv = birds[birds.task == "conventional"].groupby("model")
     worst, overall = conv.worst.mean(), conv.overall.mean()
-    rev = birds[birds.task == "reversed"].groupby("model").worst.mean()
+    rev_runs = birds[birds.task == "reversed"].groupby("model")
+    rev, rev_overall = rev_runs.worst.mean(), rev_runs.overall.mean()
     ordered = bool(worst.get("energy", np.nan) >= worst.get("l1", np.nan) > worst.get("baseline", np.nan))
     energy_helps = bool(worst.get("energy", np.nan) > max(worst.get("baseline", np.nan), worst.get("control", np.nan))
                         and overall.get("energy", np.nan) > overall.get("baseline", np.nan))
+    # the reversed task can only show an improvement if its baseline is not already at the ceiling
+    ceiling = bool(rev.get("baseline", 0) >= 95 and rev_overall.get("baseline", 0) >= 95)
+    reversed_helps = bool(rev.get("energy", np.nan) > rev.get("baseline", np.nan)
+                          and rev_overall.get("energy", np.nan) > rev_overall.get("baseline", np.nan))
+    note = " — the reversed baseline is already at the ceiling, so that half is untestable here" if ceiling else ""
     rows.append({"claim": "Table 1: guidance with 1% of the boxes improves worst-group and overall accuracy under shift, Energy ahead of L1",
                  "paper": "conv. worst 43.4 → Energy 56.1 / L1 51.1; overall 68.7 → 71.2 / 69.5; rev. worst 56.6 → 62.8 / 58.8",
                  "this_run": f"conv. worst {worst.get('baseline', np.nan):.1f} → Energy {worst.get('energy', np.nan):.1f} / "
                              f"L1 {worst.get('l1', np.nan):.1f} (λ = 0 control {worst.get('control', np.nan):.1f}); overall "
                              f"{overall.get('baseline', np.nan):.1f} → {overall.get('energy', np.nan):.1f} / {overall.get('l1', np.nan):.1f}; "
                              f"rev. worst {rev.get('baseline', np.nan):.1f} → {rev.get('energy', np.nan):.1f} / {rev.get('l1', np.nan):.1f} "
-                             f"({s['birds_seeds']} seeds, SynthBirds-100)",
-                 "verdict": verdict(ordered and energy_helps, partly=energy_helps)})
+                             f"({s['birds_seeds']} seeds, SynthBirds-100){note}",
+                 "verdict": verdict(ordered and energy_helps and reversed_helps,
+                                    partly=energy_helps or reversed_helps)})
 
     f1 = base_table[base_table.layer == "input"].groupby("config").test_f1.mean()
     rows.append({"claim": "Toy B-cos (from scratch) trains about as well as the vanilla model (card §5.3, unverified)",
