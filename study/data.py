@@ -224,6 +224,9 @@ class ShapesConfig:
     spurious_correlation: float = 0.0
     cue_size: int = 4
     cue_classes: tuple[int, ...] = (0, 1)  # "box_marker" only
+    # multi_label only: (anchor, companion, rate), the companion class is present in exactly
+    # round(rate·m) of the m images that contain the anchor class, and in no other anchor image
+    cooccur: tuple[int, int, float] | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -277,6 +280,14 @@ class ShapesConfig:
         set_("cue_classes", tuple(_check_int("cue_classes[i]", c, 0, k - 1) for c in self.cue_classes))
         if len(self.cue_classes) > len(MARKER_COLOURS):
             raise ValueError(f"at most {len(MARKER_COLOURS)} cue_classes, got {len(self.cue_classes)}")
+        if self.cooccur is not None:
+            if not self.multi_label or self.n_objects[1] < 2 or len(self.cooccur) != 3:
+                raise ValueError("cooccur=(anchor, companion, rate) needs multi_label and n_objects up to >= 2, "
+                                 f"got cooccur={self.cooccur!r}")
+            anchor, companion = (_check_int(f"cooccur[{i}]", c, 0, k - 1) for i, c in enumerate(self.cooccur[:2]))
+            if anchor == companion or k < 3:
+                raise ValueError(f"cooccur needs two different classes out of >= 3, got {self.cooccur!r}")
+            set_("cooccur", (anchor, companion, _check_fraction("cooccur[2]", self.cooccur[2])))
         if self.spurious_cue == "corner_patch" and self.multi_label:
             raise ValueError("spurious_cue 'corner_patch' encodes one label; use 'box_marker' with multi_label")
         if self.spurious_cue == "background" and (self.object_kind != "bird" or self.multi_label):
@@ -332,7 +343,7 @@ SHAPES_CONFIGS: dict[str, ShapesConfig] = {
     # 2s+1 with s ~ U{6..14} (odd sides 13..29 instead of U{12..28}); cross arm width
     # ceil(2s/3) ≈ a third of the side; frame width max(2, (2s+1)//4); the noise is added to the
     # whole image, not the background only; placements that would hide more than 75% of an
-    # earlier object are redrawn; the `cooccur` option is not implemented.
+    # earlier object are redrawn. Option cooccur: override cooccur=(3, 2, 0.8).
     "synth_voc_64": ShapesConfig(
         shapes=("disc", "triangle", "ring", "cross", "frame", "diamond"), textures=("solid",),
         half_size=(6, 14), cross_arm=2 / 3, object_colour=(0.5, 1.0), n_objects=(1, 3), multi_label=True,
@@ -548,6 +559,33 @@ def _exact_subset(count: int, total: int, rng: np.random.Generator) -> np.ndarra
     return chosen
 
 
+def _impose_cooccurrence(classes: list, cfg: ShapesConfig, rng: np.random.Generator) -> list:
+    """Edit the per-image object classes so that the companion class is present in exactly
+    round(rate·m) of the m anchor images (see ShapesConfig.cooccur). A chosen image without the
+    companion gets it by relabelling one non-anchor object, else by adding an object (when the
+    count allows), else by relabelling one of several anchors; in the other anchor images every
+    companion object is relabelled to a class uniform over the rest. Anchor membership never changes."""
+    anchor, companion, rate = cfg.cooccur
+    others = np.setdiff1d(np.arange(cfg.num_classes), [anchor, companion])
+    holders = [i for i, cls in enumerate(classes) if anchor in cls]
+    chosen = _exact_subset(_round_half_up(rate * len(holders)), len(holders), rng)
+    classes = [cls.copy() for cls in classes]
+    for i, wanted in zip(holders, chosen):
+        cls = classes[i]
+        if not wanted:
+            hit = cls == companion
+            cls[hit] = rng.choice(others, size=int(hit.sum()))
+        elif companion not in cls:
+            free = np.flatnonzero(cls != anchor)
+            if free.size:
+                cls[rng.choice(free)] = companion
+            elif cls.size < cfg.n_objects[1]:
+                classes[i] = np.append(cls, companion)
+            else:  # all objects are anchors (at least two, as n_objects[1] >= 2)
+                cls[rng.integers(cls.size)] = companion
+    return classes
+
+
 def _plan_cues(cfg: ShapesConfig, labels: np.ndarray, classes: list, rng: np.random.Generator):
     """Exact cue assignment (see ShapesConfig): (group, per-object marker flags, water backgrounds)."""
     n, q = len(labels), cfg.spurious_correlation
@@ -595,6 +633,8 @@ def make_shapes(n: int, seed: int, config: str | ShapesConfig = "synth_objects_6
     counts = rng.integers(cfg.n_objects[0], cfg.n_objects[1], size=n, endpoint=True)
     if cfg.multi_label:
         classes = [rng.integers(0, k, size=c) for c in counts]
+        if cfg.cooccur is not None:
+            classes = _impose_cooccurrence(classes, cfg, rng)
         labels = np.zeros((n, k), np.float32)
         for i, cls in enumerate(classes):
             labels[i, cls] = 1.0

@@ -224,6 +224,20 @@ def test_settings_reject_unknown_configurations():
         R.settings("smoke", losses=["ppce"])
 
 
+def test_cooccur_setting_reaches_the_generator_and_leaves_the_default_recipe_alone():
+    plain = R.settings("smoke")
+    assert "cooccur" not in R.voc_recipe(plain, 0)  # cached default runs keep their keys
+    s = R.settings("smoke", cooccur=0.8, n_train=60)
+    assert R.voc_recipe(s, 0)["cooccur"] == 0.8
+    labels = R.load_voc(s, 0)["train"].labels.bool()
+    holders = labels[:, 3]
+    assert int(labels[holders, 2].sum()) == int(0.8 * int(holders.sum()) + 0.5)
+    with pytest.raises(ValueError, match="cooccur"):
+        R.settings("smoke", cooccur=1.5)
+    with pytest.raises(ValueError, match="cooccur"):
+        R.voc_recipe(s, 0, dataset="voc2007")
+
+
 def test_annotate_keeps_int_f_n_images_and_dilates_within_the_image():
     s = R.settings("smoke")
     train = R.load_voc(s, 0)["train"]

@@ -78,6 +78,8 @@ def settings(profile: str, **overrides) -> dict:
         raise ValueError("ablation_config must be one of configs and birds_config one of " + str(sorted(CONFIGS)))
     if not {"energy", "l1"} <= set(s["losses"]):
         raise ValueError("losses must include 'energy' and 'l1' (the ablations and findings compare them)")
+    if s["cooccur"] is not None and not (isinstance(s["cooccur"], (int, float)) and 0 <= s["cooccur"] <= 1):
+        raise ValueError(f"cooccur must be None or a rate in [0, 1], got {s['cooccur']!r}")
     if "gradcam" in " ".join(s["configs"]) and "final" not in s["layers"]:
         raise ValueError("vanilla_gradcam is run at the final layer only; add 'final' to layers")
     return s
@@ -112,6 +114,8 @@ def scale_table(s: dict) -> pd.DataFrame:
         ("SynthBirds train / test, seeds", f"{s['birds_n_train']} / {s['birds_n_test']}, {s['birds_seeds']} seeds",
          "Waterbirds-100 4,795 / 5,794, 4 runs"),
     ]
+    if s["cooccur"] is not None:
+        rows.append(("SynthVOC co-occurrence", f"class 2 in {s['cooccur']:.0%} of class-3 images", "n/a (card §5.1 option)"))
     return pd.DataFrame(rows, columns=["item", "this run", "paper"])
 
 
@@ -171,9 +175,14 @@ def third_party_table(base_table: pd.DataFrame, front: pd.DataFrame) -> pd.DataF
 # ----------------------------------------------------------------------------- data
 
 def voc_recipe(s: dict, seed: int, dataset: str = "synth_voc_64", data_root=None) -> dict:
-    return {"name": dataset, "image_size": s["image_size"], "seed": seed,
-            "sizes": {"train": s["n_train"], "valid": s["n_valid"], "test": s["n_test"]},
-            "data_root": None if data_root is None else str(data_root)}
+    recipe = {"name": dataset, "image_size": s["image_size"], "seed": seed,
+              "sizes": {"train": s["n_train"], "valid": s["n_valid"], "test": s["n_test"]},
+              "data_root": None if data_root is None else str(data_root)}
+    if s["cooccur"] is not None:  # card §5.1 option; absent otherwise, so cached runs keep their keys
+        if dataset != "synth_voc_64":
+            raise ValueError(f"cooccur is an option of synth_voc_64, not of {dataset!r}")
+        recipe["cooccur"] = float(s["cooccur"])
+    return recipe
 
 
 def birds_recipe(s: dict, seed: int, task: str, dataset: str = "synth_birds_100", data_root=None) -> dict:
@@ -241,7 +250,8 @@ def _load_splits(recipe_json: str) -> dict[str, G.GuidanceData]:
     recipe = json.loads(recipe_json)
     name, size, sizes = recipe["name"], recipe["image_size"], recipe["sizes"]
     if name == "synth_voc_64":
-        arrays = data.shapes_splits(recipe["seed"], name, sizes=sizes, use_cache=True, image_size=size)
+        option = {} if recipe.get("cooccur") is None else {"cooccur": (3, 2, recipe["cooccur"])}
+        arrays = data.shapes_splits(recipe["seed"], name, sizes=sizes, use_cache=True, image_size=size, **option)
         return {split: _guidance_data(a, a["labels"].shape[1]) for split, a in arrays.items()}
     if name == "voc2007":
         from study import voc_waterbirds
