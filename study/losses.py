@@ -306,12 +306,12 @@ class ActDiffExtraLoss:
     """`extra_loss(model, batch, logits)` for fit: ActDiff between f(x) and f(x̃).
 
     f is the pooled feature vector, read by a forward hook on `feature_layer` (its output,
-    flattened) during fit's own forward pass of x, so x is not run twice; x̃ is built without
-    gradient with `outside_shuffle` from `seed` and run in train mode, so gradients flow through
-    both passes. Use it as a context manager (`with ActDiffExtraLoss(model, ...) as extra:`)
-    or call `close()` to remove the hook. Order: fit runs x first, then this runs x̃ — the
-    reverse of the authors' order (Q9); gradients are the same, only the order of the two
-    BatchNorm running-statistics updates differs.
+    flattened). In fit, `before_forward` runs x̃ first (built without gradient with
+    `outside_shuffle` from `seed`, in train mode, so it updates the BatchNorm statistics first:
+    the authors' order, card Q9), then fit's own forward pass of x is captured, so x is not run
+    twice; gradients flow through both passes. Called outside fit (no `before_forward`), the x̃
+    pass runs after x. Use it as a context manager (`with ActDiffExtraLoss(model, ...) as extra:`)
+    or call `close()` to remove the hook.
     """
 
     def __init__(self, model: nn.Module, lam: float = 1.0, apply_lambda: bool = False, seed: int = 0,
@@ -325,20 +325,28 @@ class ActDiffExtraLoss:
         if feature_layer not in modules or not feature_layer:
             raise ValueError(f"model has no layer {feature_layer!r} to read features from")
         self._features: torch.Tensor | None = None
+        self._shuffled_features: torch.Tensor | None = None
         self._handle = modules[feature_layer].register_forward_hook(self._store)
 
     def _store(self, _module, _inputs, output) -> None:
         self._features = torch.flatten(output, 1)
 
+    def _shuffled_pass(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        model(outside_shuffle(batch["image"], batch["mask"], self.generator))  # the hook stores f(x̃)
+        features, self._features = self._features, None
+        return features
+
+    def before_forward(self, model: nn.Module, batch: dict) -> None:
+        self._shuffled_features = self._shuffled_pass(model, batch)
+
     def __call__(self, model: nn.Module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-        features = self._features
+        features, self._features = self._features, None
         if features is None or features.shape[0] != batch["image"].shape[0] or features.grad_fn is None:
             raise ValueError("no training-mode features of this batch were captured; is the hook on the model fit trains?")
-        shuffled = outside_shuffle(batch["image"], batch["mask"], self.generator)
-        model(shuffled)  # the hook stores f(x̃)
-        features_shuffled = self._features
-        self._features = None
-        return actdiff_loss(features, features_shuffled, self.lam, self.apply_lambda)
+        shuffled, self._shuffled_features = self._shuffled_features, None
+        if shuffled is None:
+            shuffled = self._shuffled_pass(model, batch)
+        return actdiff_loss(features, shuffled, self.lam, self.apply_lambda)
 
     def close(self) -> None:
         self._handle.remove()

@@ -96,6 +96,9 @@ def fit(
 ) -> FitResult:
     """Train `model` with cross-entropy (+ `extra_loss(model, batch, logits)` when given).
 
+    An `extra_loss` object with a `before_forward(model, batch)` method has it called on every
+    training batch before the model's forward pass.
+
     With a `valid_loader`, every epoch is evaluated; with `select` the weights of the best epoch
     after `burn_in` epochs (by lowest valid loss or highest valid accuracy/AUC) are restored.
     Seed with `config.seed_everything` before building the model and the loader for identical runs.
@@ -122,6 +125,8 @@ def fit(
         total, count = 0.0, 0
         for batch in train_loader:
             batch = _to_device(batch, device)
+            if hasattr(extra_loss, "before_forward"):  # e.g. ActDiff's x̃ pass, which the authors run first
+                extra_loss.before_forward(model, batch)
             logits = model(batch["image"])
             loss = classification_loss(logits, batch["label"])
             if extra_loss is not None:

@@ -191,6 +191,29 @@ def test_actdiff_extra_loss_through_the_model_with_an_all_inside_mask():
     assert model.conv1.weight.grad is not None
 
 
+def test_actdiff_in_fit_runs_the_shuffled_pass_before_x_card_q9():
+    arrays = data.make_crosses(8, seed=1)
+    config.seed_everything(0)
+    model = SmallResNet18(1, 2, width=2)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    loader = v.make_loader(arrays, shuffle=False, seed=0, input_grad=False)
+    batch = next(iter(loader))
+    with losses.ActDiffExtraLoss(model, seed=0) as extra:
+        train.fit(model, [batch], epochs=1, lr=1e-3, extra_loss=extra, device="cpu")
+    assert len(seen) == 2
+    first, second = seen
+    assert torch.equal(second, batch["image"])  # x comes second
+    inside = batch["mask"].expand_as(first)
+    assert torch.equal(first[inside], batch["image"][inside]) and not torch.equal(first, batch["image"])
+    # BatchNorm saw x̃ first: replaying the two passes in that order gives the same running mean
+    config.seed_everything(0)
+    replay = SmallResNet18(1, 2, width=2).train()
+    with torch.no_grad():
+        replay(first), replay(second)
+    assert torch.allclose(replay.bn1.running_mean, model.bn1.running_mean, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- §7.5 adversarial
 
 def test_adversarial_gating_encoder_every_disc_iter_th_batch_discriminator_every_batch():

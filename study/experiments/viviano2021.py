@@ -398,7 +398,8 @@ def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str
               "sizes": [s["n_train"], s["n_valid"], s["n_test"]] if dataset == SYNTHETIC else [s["xray_size"], s["n_per_cell"]],
               "disc_hidden": s["disc_hidden"] if method == "adversarial" else None,
               "actdiff_apply_lambda": actdiff_apply_lambda if method == "actdiff" else None,
-              "skip_empty_masks": skip_empty_masks, "version": 2}
+              "skip_empty_masks": skip_empty_masks,
+              "version": 3 if method == "actdiff" else 2}  # 3: ActDiff's x̃ pass runs first (card Q9)
     start = time.perf_counter()
     fitted = train.cached_fit(f"viviano2021_{method}", params, build, fit, device=device)
     seconds = time.perf_counter() - start
