@@ -527,42 +527,38 @@ def auc(curve) -> torch.Tensor:
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[1] - 1), dim=1)
 
 
-def _curve_with(kwargs: dict, **fixed) -> dict:
-    for key in fixed:
+def _fixed_curve(model, images, maps, targets, kwargs: dict, order: str, mode: str = "deletion") -> torch.Tensor:
+    """`perturbation_curve` with the order and mode that the calling metric defines."""
+    for key in ("order", "mode"):
         if key in kwargs:
             raise ValueError(f"{key!r} is fixed by this function; call perturbation_curve to choose it")
-    return {**kwargs, **fixed}
+    return perturbation_curve(model, images, maps, targets, **kwargs, order=order, mode=mode)
 
 
 def aopc_morf(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """AOPC of the MoRF deletion curve, (B,); keyword arguments as in :func:`perturbation_curve`."""
-    return aopc(perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="morf",
-                                                                               mode="deletion")))
+    return aopc(_fixed_curve(model, images, maps, targets, kwargs, "morf"))
 
 
 def aopc_lerf(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """AOPC of the LeRF deletion curve, (B,) (lower is better)."""
-    return aopc(perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="lerf",
-                                                                               mode="deletion")))
+    return aopc(_fixed_curve(model, images, maps, targets, kwargs, "lerf"))
 
 
 def abpc_score(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """ABPC from the LeRF and MoRF deletion curves, (B,) (higher is better)."""
-    lerf = perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="lerf", mode="deletion"))
-    morf = perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="morf", mode="deletion"))
-    return abpc(lerf, morf)
+    return abpc(_fixed_curve(model, images, maps, targets, kwargs, "lerf"),
+                _fixed_curve(model, images, maps, targets, kwargs, "morf"))
 
 
 def deletion_auc(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """Deletion AUC (MoRF deletion curve, x ∈ [0, 1]), (B,) (lower is better)."""
-    return auc(perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="morf",
-                                                                              mode="deletion")))
+    return auc(_fixed_curve(model, images, maps, targets, kwargs, "morf"))
 
 
 def insertion_auc(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """Insertion AUC (MoRF insertion curve, x ∈ [0, 1]), (B,) (higher is better)."""
-    return auc(perturbation_curve(model, images, maps, targets, **_curve_with(kwargs, order="morf",
-                                                                              mode="insertion")))
+    return auc(_fixed_curve(model, images, maps, targets, kwargs, "morf", mode="insertion"))
 
 
 # ----------------------------------------------------------------------------------------------
