@@ -80,12 +80,13 @@ def crop_geometry(width: int, height: int, resize: int = 256, crop: int = 224) -
     return r, (width * r - crop) / 2, (height * r - crop) / 2
 
 
-def transform_boxes(boxes, width: int, height: int, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """(n, 4) boxes [x0, y0, x1, y1] in original pixels → float boxes in the crop, clipped to [0, crop]."""
+def transform_boxes(boxes, width: int, height: int, resize: int = 256, crop: int = 224, clip: bool = True) -> np.ndarray:
+    """(n, 4) boxes [x0, y0, x1, y1] in original pixels → float boxes in crop coordinates, clipped to
+    [0, crop] unless `clip` is False (Phang's IoU uses the unclamped box, card Q5)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     r, sx, sy = crop_geometry(width, height, resize, crop)
     out = boxes * r - np.array([sx, sy, sx, sy])
-    return np.clip(out, 0.0, crop)
+    return np.clip(out, 0.0, crop) if clip else out
 
 
 def load_image(path: str | Path, resize: int = 256, crop: int = 224) -> np.ndarray:
@@ -166,7 +167,8 @@ def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | 
     file are skipped. Returns `images` float32 (N, 3, crop, crop) in [0, 1] (not normalised; see
     IMAGENET_MEAN / IMAGENET_STD); `labels` int64 (N,); `boxes` list of int64 (n, 5)
     [class index, x0, y0, x1, y1] end-exclusive in crop pixels (floor of starts, ceil of ends; a
-    box of an id outside `wnids` gets class −1; boxes cropped away are dropped); `masks` bool
+    box of an id outside `wnids` gets class −1; boxes cropped away are dropped); `boxes_unclipped`
+    the same rows before clipping to the crop (may extend past it; card Q5 of Phang); `masks` bool
     (N, 1, crop, crop), the union of the boxes of the image's own class; `group` zeros; `files`,
     `wnid` per image; `class_list` the chosen ids; `wnids` the full sorted id list.
     """
@@ -192,27 +194,29 @@ def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | 
         raise ValueError(f"image classes {unknown[:5]} are not in the WordNet id list of {len(all_ids)} ids")
     picked, chosen = _select(entries, class_list, n_classes, per_class, seed)
     labels = [index[entry["wnid"]] for entry in picked]
-    boxes = [_crop_boxes(entry["note"], index, resize, crop) for entry in picked]
+    boxes, unclipped = zip(*[_crop_boxes(entry["note"], index, resize, crop) for entry in picked])
+    boxes, unclipped = list(boxes), list(unclipped)
     masks = np.zeros((len(picked), 1, crop, crop), bool)
     for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
         for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
             masks[i, 0, y0:y1, x0:x1] = True
     return {"images": np.stack([load_image(entry["path"], resize, crop) for entry in picked]),
-            "labels": np.array(labels, np.int64), "boxes": boxes, "masks": masks,
+            "labels": np.array(labels, np.int64), "boxes": boxes, "boxes_unclipped": unclipped, "masks": masks,
             "group": np.zeros(len(picked), np.int64), "files": [str(e["path"].relative_to(root)) for e in picked],
             "wnid": [e["wnid"] for e in picked], "class_list": chosen, "wnids": all_ids}
 
 
-def _crop_boxes(note: dict, index: dict[str, int], resize: int, crop: int) -> np.ndarray:
-    """An annotation's boxes as int64 (n, 5) [class index or −1, x0, y0, x1, y1] in the crop; boxes
-    that the crop cuts away entirely are dropped."""
-    rows = []
+def _crop_boxes(note: dict, index: dict[str, int], resize: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """An annotation's boxes as int64 (n, 5) [class index or −1, x0, y0, x1, y1] in the crop, clipped
+    to it and unclipped (same rows); boxes that the crop cuts away entirely are dropped."""
+    clipped, unclipped = [], []
     for name, *coords in note["objects"]:
-        x0, y0, x1, y1 = transform_boxes(coords, note["width"], note["height"], resize, crop)[0]
-        box = [index.get(name, -1), math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
-        if box[3] > box[1] and box[4] > box[2]:
-            rows.append(box)
-    return np.array(rows, np.int64).reshape(-1, 5)
+        for clip, rows in ((True, clipped), (False, unclipped)):
+            x0, y0, x1, y1 = transform_boxes(coords, note["width"], note["height"], resize, crop, clip)[0]
+            rows.append([index.get(name, -1), math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)])
+        if not (clipped[-1][3] > clipped[-1][1] and clipped[-1][4] > clipped[-1][2]):
+            clipped.pop(), unclipped.pop()
+    return tuple(np.array(rows, np.int64).reshape(-1, 5) for rows in (clipped, unclipped))
 
 
 def imagenet_model(arch: str, weights_path, device: str | torch.device = "cpu") -> nn.Module:

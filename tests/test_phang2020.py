@@ -99,6 +99,16 @@ def test_ground_truth_and_full_image_boxes_through_evaluate_boxes():
                              ConstantClassifier())
     assert table["sm1"].tolist() == [0.0, 0.0]
     assert table["box_area"].tolist() == [1.0, 1.0]
+    # card Q5: LE uses the unclamped GT box. Clipped to the image it matches the full box (IoU 1);
+    # unclamped it is 3× larger per side: IoU = 20² / 60² = 1/9 < 0.5, so the box is a miss.
+    clipped = [np.array([[0, 0, size, size]])] * 2
+    unclamped = [np.array([[-size, -size, 2 * size, 2 * size]])] * 2
+    plain = P.evaluate_boxes(full, masks, labels, labels, clipped, images, ConstantClassifier())
+    q5 = P.evaluate_boxes(full, masks, labels, labels, clipped, images, ConstantClassifier(), iou_gt_boxes=unclamped)
+    assert plain["le"].tolist() == [0.0, 0.0] and q5["le"].tolist() == [1.0, 1.0]
+    assert q5["f1"].tolist() == plain["f1"].tolist()  # F1 still uses the boxes inside the image
+    with pytest.raises(ValueError, match="IoU GT box set"):
+        P.evaluate_boxes(full, masks, labels, labels, clipped, images, ConstantClassifier(), iou_gt_boxes=unclamped[:1])
 
 
 def test_crop_probabilities_resize_the_box_to_the_image():

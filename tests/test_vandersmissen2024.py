@@ -308,6 +308,9 @@ def test_load_imagenet_boxes_on_the_fixture(imagenet_root):
     # 400×600 image: r = 0.64, shift (16, 80); box (150, 250, 250, 350) → (80, 80, 144, 144)
     assert out["boxes"][1].tolist()[0] == [2, 80, 80, 144, 144]
     assert len(out["boxes"][1]) == 1  # the other class's box lies outside the crop: dropped
+    # unclipped: 500×375, r = 256/375, shift (58.67, 16): (0, 0, 500, 375) → (−58.67, −16, 282.67, 240)
+    assert out["boxes_unclipped"][0].tolist() == [[0, -59, -16, 283, 240]]
+    assert out["boxes_unclipped"][1].tolist() == out["boxes"][1].tolist()  # inside the crop: unchanged
     assert out["masks"][1].sum() == 64 * 64 and out["masks"][0].all()
     image = out["images"][0]  # 500×375: centre crop keeps the red/blue split at the middle column
     assert image[0, 112, 20] > 0.9 and image[2, 112, 20] < 0.1 and image[2, 112, 200] > 0.9

@@ -79,8 +79,8 @@ QUIRKS = [
     ("Q3", "TV a pixel sum; 224 hard-coded in the area", "area = mean over the actual pixels; λ_tv rescaled "
      "(3.5e-3 = 1e-3·224/64)"),
     ("Q4", "inclusive box ends used as exclusive", "correct exclusive ends; flag reproduce_box_offbyone"),
-    ("Q5", "IoU area(G) of the unclamped GT box", "study.metrics.box_iou follows it (no effect on synthetic boxes; "
-     "the shared ImageNet loader clips boxes to the crop)"),
+    ("Q5", "IoU area(G) of the unclamped GT box", "study.metrics.box_iou follows it: LE/OM on real data use the boxes before clipping to the crop "
+     "(no effect on synthetic boxes)"),
     ("Q6", "figure says softmax, code uses sigmoid", "sigmoid"),
     ("Q7", "CA classifier BN updated by masked images; FIX in eval mode", "followed"),
     ("Q8", "SM with the original pretrained classifier, OM with the checkpoint's", "followed: a frozen copy for SM"),
@@ -233,7 +233,8 @@ def crop_probabilities(classifier: nn.Module, images: torch.Tensor, boxes: np.nd
 
 
 def evaluate_boxes(pred_boxes, masks: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, gt_boxes: list,
-                   images: torch.Tensor, sm_classifier: nn.Module, gt_masks=None) -> pd.DataFrame:
+                   images: torch.Tensor, sm_classifier: nn.Module, gt_masks=None, iou_gt_boxes: list | None = None
+                   ) -> pd.DataFrame:
     """Per-image metrics of predicted boxes and continuous masks (card E7), one row per image:
 
     le / om (Phang LE and the official top-1 localisation error), f1 / f1a (continuous mask vs the
@@ -241,6 +242,8 @@ def evaluate_boxes(pred_boxes, masks: torch.Tensor, predicted: torch.Tensor, lab
     avg_mask, binarized (mean of m > its mean), entropy (−Σ m log₂ m / pixels over 0 < m < 1),
     tv (mean squared neighbour difference), pixel_iou (binarised mask vs the GT part mask, a
     project extra; NaN without `gt_masks`), correct (top-1 of the checkpoint's classifier).
+    `iou_gt_boxes` (default `gt_boxes`) are the GT boxes of LE / OM: on real data the boxes before
+    clipping to the crop, so that area(G) is the unclamped area (card Q5).
     """
     pred_boxes = np.asarray(pred_boxes, np.int64)
     masks = masks.detach().cpu().float()
@@ -249,8 +252,11 @@ def evaluate_boxes(pred_boxes, masks: torch.Tensor, predicted: torch.Tensor, lab
                          f"{len(pred_boxes)} boxes, {len(gt_boxes)} GT sets")
     height, width = masks.shape[-2:]
     predicted, labels = np.asarray(predicted, np.int64), np.asarray(labels, np.int64)
-    le = metrics.localisation_error(pred_boxes, gt_boxes)
-    om = metrics.official_metric(pred_boxes, gt_boxes, predicted, labels)
+    iou_gt_boxes = gt_boxes if iou_gt_boxes is None else iou_gt_boxes
+    if len(iou_gt_boxes) != len(gt_boxes):
+        raise ValueError(f"need one IoU GT box set per image; got {len(iou_gt_boxes)} for {len(gt_boxes)} images")
+    le = metrics.localisation_error(pred_boxes, iou_gt_boxes)
+    om = metrics.official_metric(pred_boxes, iou_gt_boxes, predicted, labels)
     f1 = metrics.f1_mask(masks, gt_boxes, reduce="max")
     f1a = metrics.f1_mask(masks, gt_boxes, reduce="mean")
     area = metrics.box_area_fraction(pred_boxes, height, width)
@@ -277,12 +283,13 @@ def evaluate_boxes(pred_boxes, masks: torch.Tensor, predicted: torch.Tensor, lab
 
 
 def evaluate_masks(masks: torch.Tensor, predicted, labels, gt_boxes: list, images: torch.Tensor,
-                   sm_classifier: nn.Module, gt_masks=None, reproduce_offbyone: bool = False) -> pd.DataFrame:
+                   sm_classifier: nn.Module, gt_masks=None, reproduce_offbyone: bool = False,
+                   iou_gt_boxes: list | None = None) -> pd.DataFrame:
     """The box protocol of card E7 on continuous masks: mean threshold → largest 4-connected
     component → box (`study.metrics.saliency_box`), then `evaluate_boxes`."""
     masks = torch.as_tensor(masks).detach().cpu().float()
     boxes = metrics.saliency_box(masks, reproduce_offbyone=reproduce_offbyone)
-    return evaluate_boxes(boxes, masks, predicted, labels, gt_boxes, images, sm_classifier, gt_masks)
+    return evaluate_boxes(boxes, masks, predicted, labels, gt_boxes, images, sm_classifier, gt_masks, iou_gt_boxes)
 
 
 def box_masks(boxes, n: int, height: int, width: int) -> torch.Tensor:
@@ -998,22 +1005,23 @@ def real_data_run(data_root, weights_path, s: dict, seed: int = 0, device: str =
     labels = torch.as_tensor(labels_all)
     x, y = images[test_idx], labels[test_idx]
     gt = [own_class_boxes(arrays["boxes"][i], labels_all[i]) for i in test_idx]
+    unclamped = {"iou_gt_boxes": [own_class_boxes(arrays["boxes_unclipped"][i], labels_all[i]) for i in test_idx]}
     n = len(test_idx)
     predicted = _logits(net, x).argmax(1)
     results = {}
     c0, c1 = round(33 * crop / 224), round(191 * crop / 224)
     for name, box in (("full image", [0, 0, crop, crop]), ("centre box", [c0, c0, c1, c1])):
         boxes = np.tile(box, (n, 1))
-        results[name] = evaluate_boxes(boxes, box_masks(box, n, crop, crop), predicted, y, gt, x, net)
+        results[name] = evaluate_boxes(boxes, box_masks(box, n, crop, crop), predicted, y, gt, x, net, **unclamped)
     cam = torch.cat([attribution.explain(net, x[i: i + 64].to(device), y[i: i + 64].to(device), "gradcam",
                                          layer="l4", relu=False).cpu() for i in range(0, n, 64)])
-    results["CAM"] = evaluate_masks(attribution.normalise_minmax(cam), predicted, y, gt, x, net)
+    results["CAM"] = evaluate_masks(attribution.normalise_minmax(cam), predicted, y, gt, x, net, **unclamped)
     spec = MaskerSpec(classifier_mode="fix", lambda_out=10.0, lambda_tv=1e-3, hidden=64, grid=crop // 4,
                       steps=s["real_steps"], batch_size=min(72, len(train_idx)), lr=1e-3)
     run = masking.train_masker(net, images[train_idx], labels[train_idx], spec, seed=seed, device=device)
     masks, logits = masking.predict_masks(run.masker, run.classifier, x, spec, batch_size=64)
     results[f"FIX masker (k={s['real_k']}, {s['real_steps']} steps)"] = evaluate_masks(masks, logits.argmax(1), y, gt,
-                                                                                     x, net)
+                                                                                     x, net, **unclamped)
     table = pd.DataFrame([{"method": name, "images": len(frame), **summarise(frame)} for name, frame in results.items()])
     return {"table": table, "n_eval": n, "n_train_masker": len(train_idx), "classes": len(arrays["class_list"])}
 
