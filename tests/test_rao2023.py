@@ -317,3 +317,26 @@ def test_smoke_pipeline_analysis_and_findings(smoke):
                       depth, birds, front)
     assert len(rows) == 11
     assert all(r["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not tested", "n/a") for r in rows)
+
+
+def test_paper_grid_runs_end_to_end_at_toy_size(private_cache):
+    """Every configuration, layer and loss of the paper profile (card §5.4 full grid) trains and is
+    analysed; the paper profile itself needs a GPU, so its grid is exercised here at toy size."""
+    paper = config.PROFILES["paper"]["rao2023"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = R.settings("smoke", configs=paper["configs"], layers=paper["layers"], losses=paper["losses"],
+                       n_train=24, n_valid=16, n_test=16, birds_n_train=16, birds_n_valid=8, birds_n_test=16)
+        baselines = R.train_baselines(s, 0, "cpu")
+        calibration = R.calibrate(s, baselines, "cpu")
+        runs = R.run_finetunes(s, 0, baselines, calibration, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    grid = {(c, layer, loss) for c in paper["configs"] for layer in (["final"] if c == "vanilla_gradcam" else paper["layers"])
+            for loss in paper["losses"]}
+    assert len(grid) == 40 and set(zip(runs["E1"].config, runs["E1"].layer, runs["E1"].loss)) == grid
+    front = R.pareto_checkpoints(runs["E1"])
+    assert set(zip(front.config, front.layer, front.loss)) == grid and front.test_f1.notna().all()
+    summary = R.loss_summary(front, baselines["table"])
+    assert len(summary) == 40 and np.isfinite(summary.hv_epg).all()
