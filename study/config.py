@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "vandersmissen2024": {"n_train": 1500, "n_test": 300, "epochs": 8, "n_images": 24, "steps": 16, "ig_steps": 50,
                               "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 256},
-        "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 6, "width": 16, "n_explain": 6},
+        "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6},
         "phang2020": {"n_train": 3000, "n_trainval": 500, "n_test": 500, "epochs": 8, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 32, "steps": 100, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
                       "rows": {"S1": 3, "S2": 3, "S3": 3, "S4": 3, "S5": 3, "S6": 3, "S7": 1, "S8": 1, "S9": 1, "S10": 1},
