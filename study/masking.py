@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from study import config, train
+from study.models import init_conv_bn
 
 LAYER_NAMES = ("l0", "l1", "l2", "l3", "l4")
 BORDER_WEIGHT = 0.3  # E2: the TV border penalty
@@ -150,12 +151,7 @@ class PartsClassifier(nn.Module):
         self.fc = nn.Linear(previous, num_classes)
         self.channels = {"l0": widths[0], **{f"l{i}": w for i, w in enumerate(widths, start=1)}}
         self.gradcam_layer = "l4"
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features = {}
@@ -208,12 +204,7 @@ class Masker(nn.Module):
                                                     nn.BatchNorm2d(hidden), nn.ReLU(inplace=True))
                 concatenated += hidden
         self.head = nn.Conv2d(concatenated, 1, 3, padding=1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self, mode="fan_in")
         nn.init.zeros_(self.head.bias)
 
     def logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

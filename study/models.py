@@ -68,6 +68,17 @@ class MiniVGG(nn.Sequential):
         self.fc = nn.Linear(widths[-1] * (image_size // 8) ** 2, num_classes)
 
 
+def init_conv_bn(model: nn.Module, mode: str = "fan_out") -> None:
+    """torchvision's ResNet initialisation: Kaiming-normal convolutions (ReLU gain, `mode`),
+    BatchNorm scale 1 and shift 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class SmallResNet18(ResNet):
     """The Viviano card's ResNet-18 variant built on torchvision's ResNet.
 
@@ -92,12 +103,7 @@ class SmallResNet18(ResNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8 * width, num_classes)
         self.feature_dim = 8 * width
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
