@@ -966,44 +966,44 @@ def _share(wins: int, total: int) -> str:
     return verdict(wins == total, partly=2 * wins >= total)
 
 
-def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object: pd.DataFrame,
-             fractions: pd.DataFrame, dilation: pd.DataFrame, depth: pd.DataFrame, birds: pd.DataFrame,
-             front: pd.DataFrame) -> list[dict]:
-    """The Findings rows (claim | paper | this run | verdict); every verdict is computed here."""
-    rows = []
-    panels = summary.groupby(["config", "layer"], sort=False)
-    label = lambda c, layer: f"{CONFIG_LABELS[c]} {layer}"  # noqa: E731
+def _best_list(table: pd.DataFrame) -> str:
+    return "; ".join(f"{CONFIG_LABELS[r.config]} {r.layer}: {'/'.join(LOSS_LABELS[x] for x in r.tied.split(','))}"
+                     for r in table.itertuples())
 
-    def best_list(table):
-        return "; ".join(f"{label(r.config, r.layer)}: {'/'.join(LOSS_LABELS[x] for x in r.tied.split(','))}"
-                         for r in table.itertuples())
 
+def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
     epg_win = winners(summary, "hv_epg")
     wins = int(epg_win.tied.str.split(",").apply(lambda x: "energy" in x).sum())
-    rows.append({"claim": "R1: Energy gives the best EPG-vs-F1 trade-off (Pareto fronts)",
-                 "paper": "Energy Pareto-dominates the other losses for all models, Input and Final, VOC and COCO",
-                 "this_run": f"largest EPG–F1 hypervolume (or within 5% of it): Energy in {wins}/{len(epg_win)} panels ("
-                             + best_list(epg_win) + ")",
-                 "verdict": _share(wins, len(epg_win))})
+    return {"claim": "R1: Energy gives the best EPG-vs-F1 trade-off (Pareto fronts)",
+            "paper": "Energy Pareto-dominates the other losses for all models, Input and Final, VOC and COCO",
+            "this_run": f"largest EPG–F1 hypervolume (or within 5% of it): Energy in {wins}/{len(epg_win)} panels ("
+                        + _best_list(epg_win) + ")",
+            "verdict": _share(wins, len(epg_win))}
 
+
+def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
     iou_win = winners(summary, "hv_iou")
     wins = int(iou_win.tied.str.split(",").apply(lambda x: "l1" in x).sum())
-    rows.append({"claim": "R2: L1 gives the best IoU-vs-F1 trade-off",
-                 "paper": "L1 best IoU 'with few exceptions'",
-                 "this_run": f"largest IoU–F1 hypervolume (val-tuned threshold; or within 5% of it): L1 in {wins}/"
-                             f"{len(iou_win)} panels (" + best_list(iou_win) + ")",
-                 "verdict": verdict(4 * wins >= 3 * len(iou_win), partly=2 * wins >= len(iou_win))})
+    return {"claim": "R2: L1 gives the best IoU-vs-F1 trade-off",
+            "paper": "L1 best IoU 'with few exceptions'",
+            "this_run": f"largest IoU–F1 hypervolume (val-tuned threshold; or within 5% of it): L1 in {wins}/"
+                        f"{len(iou_win)} panels (" + _best_list(iou_win) + ")",
+            "verdict": verdict(4 * wins >= 3 * len(iou_win), partly=2 * wins >= len(iou_win))}
 
+
+def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
     difference = on_object.energy - on_object.l1
     more, worse = int((difference > 0.01).sum()), int((difference < -0.01).sum())
-    rows.append({"claim": "R3: Energy keeps the in-box attribution on the object (vs L1)",
-                 "paper": "Energy wins everywhere (numbers in the supplement, n/a)",
-                 "this_run": f"on-object share of the in-box energy, Energy − L1 per panel: "
-                             + ", ".join(f"{d:+.3f}" for d in difference) + f" (> 0.01 in {more}, < −0.01 in {worse} of "
-                             f"{len(on_object)}); means {on_object.energy.mean():.2f} vs {on_object.l1.mean():.2f} "
-                             f"(baseline {on_object.baseline.mean():.2f}, uniform map {on_object.uniform_map.mean():.2f})",
-                 "verdict": verdict(worse == 0 and 2 * more >= len(on_object), partly=difference.mean() > 0)})
+    return {"claim": "R3: Energy keeps the in-box attribution on the object (vs L1)",
+            "paper": "Energy wins everywhere (numbers in the supplement, n/a)",
+            "this_run": f"on-object share of the in-box energy, Energy − L1 per panel: "
+                        + ", ".join(f"{d:+.3f}" for d in difference) + f" (> 0.01 in {more}, < −0.01 in {worse} of "
+                        f"{len(on_object)}); means {on_object.energy.mean():.2f} vs {on_object.l1.mean():.2f} "
+                        f"(baseline {on_object.baseline.mean():.2f}, uniform map {on_object.uniform_map.mean():.2f})",
+            "verdict": verdict(worse == 0 and 2 * more >= len(on_object), partly=difference.mean() > 0)}
 
+
+def _r5_final_layer_helps(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, front: pd.DataFrame) -> dict:
     improved, configs = [], [c for c in s["configs"] if (summary.layer == "final").any()]
     for config_name in configs:
         base = panel_baseline(base_table, config_name, "final")
@@ -1011,73 +1011,86 @@ def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object
         ok = part[(part.test_f1 >= base.test_f1 - F1_TOLERANCE) & (part.test_epg > base.test_epg + 0.01)
                   & (part.test_iou > base.test_iou + 0.01)]
         improved.append(len(ok) > 0)
-    rows.append({"claim": "R5: Final-layer guidance improves EPG and IoU for every model",
-                 "paper": "yes, for all models",
-                 "this_run": "; ".join(f"{CONFIG_LABELS[c]}: {'yes' if ok else 'no'}" for c, ok in zip(configs, improved))
-                             + f" (a front checkpoint with EPG and IoU > baseline + 0.01 at F1 ≥ baseline − {F1_TOLERANCE})",
-                 "verdict": _share(sum(improved), len(improved))})
+    return {"claim": "R5: Final-layer guidance improves EPG and IoU for every model",
+            "paper": "yes, for all models",
+            "this_run": "; ".join(f"{CONFIG_LABELS[c]}: {'yes' if ok else 'no'}" for c, ok in zip(configs, improved))
+                        + f" (a front checkpoint with EPG and IoU > baseline + 0.01 at F1 ≥ baseline − {F1_TOLERANCE})",
+            "verdict": _share(sum(improved), len(improved))}
 
+
+def _r4_bcos_best_input_epg(base_table: pd.DataFrame, summary: pd.DataFrame) -> dict | None:
     inputs = base_table[base_table.layer == "input"].groupby("config").test_epg.mean()
     guided = summary[(summary.layer == "input") & (summary.loss == "energy")].set_index("config").best_epg
-    if "bcos" in inputs and len(inputs) > 1:
-        others = inputs.drop("bcos")
-        best_other = guided.drop("bcos", errors="ignore")
-        ok_before = bool(inputs["bcos"] > others.max())
-        ok_after = bool(guided.get("bcos", np.nan) > best_other.max()) if len(best_other) else False
-        rows.append({"claim": "R4: B-cos has the best input-layer EPG (before and after Energy guidance)",
-                     "paper": "B-cos 71.7 EPG / 79.4% F1 vs Vanilla 55.8 / 69.0%, X-DNN 62.3 / 68.9% (VOC, Input)",
-                     "this_run": f"baseline EPG B-cos {inputs['bcos']:.2f} vs {', '.join(f'{CONFIG_LABELS[c]} {v:.2f}' for c, v in others.items())}; "
-                                 f"best guided B-cos {guided.get('bcos', np.nan):.2f} vs "
-                                 + ", ".join(f"{CONFIG_LABELS[c]} {v:.2f}" for c, v in best_other.items()),
-                     "verdict": verdict(ok_before and ok_after, partly=ok_before or ok_after)})
+    if "bcos" not in inputs or len(inputs) < 2:
+        return None
+    others = inputs.drop("bcos")
+    best_other = guided.drop("bcos", errors="ignore")
+    ok_before = bool(inputs["bcos"] > others.max())
+    ok_after = bool(guided.get("bcos", np.nan) > best_other.max()) if len(best_other) else False
+    return {"claim": "R4: B-cos has the best input-layer EPG (before and after Energy guidance)",
+            "paper": "B-cos 71.7 EPG / 79.4% F1 vs Vanilla 55.8 / 69.0%, X-DNN 62.3 / 68.9% (VOC, Input)",
+            "this_run": f"baseline EPG B-cos {inputs['bcos']:.2f} vs {', '.join(f'{CONFIG_LABELS[c]} {v:.2f}' for c, v in others.items())}; "
+                        f"best guided B-cos {guided.get('bcos', np.nan):.2f} vs "
+                        + ", ".join(f"{CONFIG_LABELS[c]} {v:.2f}" for c, v in best_other.items()),
+            "verdict": verdict(ok_before and ok_after, partly=ok_before or ok_after)}
 
+
+def _r6_localisation_vs_f1(base_table: pd.DataFrame, summary: pd.DataFrame, front: pd.DataFrame) -> dict:
     traded, both = 0, 0
-    for (config_name, layer), _group in panels:
+    for (config_name, layer), _group in summary.groupby(["config", "layer"], sort=False):
         base = panel_baseline(base_table, config_name, layer)
         part = front[(front.config == config_name) & (front.layer == layer) & (front.test_epg > base.test_epg + 0.01)]
         traded += int((part.test_f1 < base.test_f1).sum())
         both += int((part.test_f1 >= base.test_f1).sum())
     total = traded + both
-    rows.append({"claim": "R6: localisation usually trades off against F1, though some settings improve both",
-                 "paper": "trade-off in most settings; X-DNN Input: EPG +7.2 pp and F1 +1.4 pp together",
-                 "this_run": f"of {total} front checkpoints with higher EPG than their baseline, {traded} lose F1 and {both} keep or gain it",
-                 "verdict": verdict(total > 0 and traded >= both and both > 0, partly=total > 0 and (traded >= both or both > 0))})
+    return {"claim": "R6: localisation usually trades off against F1, though some settings improve both",
+            "paper": "trade-off in most settings; X-DNN Input: EPG +7.2 pp and F1 +1.4 pp together",
+            "this_run": f"of {total} front checkpoints with higher EPG than their baseline, {traded} lose F1 and {both} keep or gain it",
+            "verdict": verdict(total > 0 and traded >= both and both > 0, partly=total > 0 and (traded >= both or both > 0))}
 
+
+def _r7_few_boxes(s: dict, fractions: pd.DataFrame) -> dict:
     energy = fractions[fractions.loss == "energy"].set_index("fraction").epg_gain
     low, mid, full = energy.get(min(s["fractions"]), np.nan), energy.get(max(s["fractions"]), np.nan), energy.get(1.0, np.nan)
     enough = bool(low > 0.02 and low >= 0.5 * full)
     close = bool(mid >= 0.75 * full)
-    rows.append({"claim": "R7: 1% of the boxes is enough for Energy; 10% is close to full annotation",
-                 "paper": "1% (25 images): EPG +23.0 pp at 0.3 pp F1 cost (B-cos, Input, VOC); 10% close to 100%",
-                 "this_run": f"Energy EPG gain over the baseline: {min(s['fractions']):g} → {low:+.3f}, "
-                             f"{max(s['fractions']):g} → {mid:+.3f}, 1 → {full:+.3f} ({CONFIG_LABELS[s['ablation_config']]}, Input)",
-                 "verdict": verdict(enough and close, partly=enough or close)})
+    return {"claim": "R7: 1% of the boxes is enough for Energy; 10% is close to full annotation",
+            "paper": "1% (25 images): EPG +23.0 pp at 0.3 pp F1 cost (B-cos, Input, VOC); 10% close to 100%",
+            "this_run": f"Energy EPG gain over the baseline: {min(s['fractions']):g} → {low:+.3f}, "
+                        f"{max(s['fractions']):g} → {mid:+.3f}, 1 → {full:+.3f} ({CONFIG_LABELS[s['ablation_config']]}, Input)",
+            "verdict": verdict(enough and close, partly=enough or close)}
 
+
+def _r8_coarse_boxes(s: dict, dilation: pd.DataFrame) -> dict:
     drops = {}
     for loss in ("energy", "l1"):
         part = dilation[dilation.loss == loss].set_index("dilation")
         drops[loss] = float(part.test_epg.get(0.0, np.nan) - part.test_epg.loc[part.index.max()])
-    rows.append({"claim": "R8: Energy is robust to coarse (dilated) boxes, L1 degrades",
-                 "paper": "Energy essentially unchanged, L1 markedly worse in EPG and IoU (figures only)",
-                 "this_run": f"test EPG drop from exact boxes to {max(s['dilations']):g} dilation: Energy {drops['energy']:.3f}, "
-                             f"L1 {drops['l1']:.3f}",
-                 "verdict": verdict(drops["l1"] > 0.02 and drops["energy"] <= 0.5 * drops["l1"],
-                                    partly=drops["energy"] < drops["l1"])})
+    return {"claim": "R8: Energy is robust to coarse (dilated) boxes, L1 degrades",
+            "paper": "Energy essentially unchanged, L1 markedly worse in EPG and IoU (figures only)",
+            "this_run": f"test EPG drop from exact boxes to {max(s['dilations']):g} dilation: Energy {drops['energy']:.3f}, "
+                        f"L1 {drops['l1']:.3f}",
+            "verdict": verdict(drops["l1"] > 0.02 and drops["energy"] <= 0.5 * drops["l1"],
+                               partly=drops["energy"] < drops["l1"])}
 
+
+def _r9_deeper_layer(s: dict, depth: pd.DataFrame) -> dict | None:
     d = depth.set_index("layer")
-    if "input" in d.index and len(d.index) > 1:
-        gain_input = d.loc["input", "input_epg"] - d.loc["input", "base_input_epg"]
-        others = d.drop("input")
-        deep = next((layer for layer in s["depth_layers"] if layer in others.index), others.input_epg.idxmax())
-        gain = others.loc[deep, "input_epg"] - others.loc[deep, "base_input_epg"]
-        speed = others.loc[deep, "speedup_vs_input"]
-        rows.append({"claim": "R9: guiding a deeper layer improves input-level EPG at a higher training speed",
-                     "paper": "Mid2 (B-cos): input-level EPG similar to Input guidance, 1.7× faster",
-                     "this_run": f"{deep}-layer guidance: input EPG gain {gain:+.3f} vs {gain_input:+.3f} when guiding the input; "
-                                 f"{speed:.1f}× the input-guided speed per epoch",
-                     "verdict": verdict(gain >= 0.75 * gain_input and speed > 1,
-                                        partly=gain > 0.25 * gain_input and speed > 1)})
+    if "input" not in d.index or len(d.index) < 2:
+        return None
+    gain_input = d.loc["input", "input_epg"] - d.loc["input", "base_input_epg"]
+    others = d.drop("input")
+    deep = next((layer for layer in s["depth_layers"] if layer in others.index), others.input_epg.idxmax())
+    gain = others.loc[deep, "input_epg"] - others.loc[deep, "base_input_epg"]
+    speed = others.loc[deep, "speedup_vs_input"]
+    return {"claim": "R9: guiding a deeper layer improves input-level EPG at a higher training speed",
+            "paper": "Mid2 (B-cos): input-level EPG similar to Input guidance, 1.7× faster",
+            "this_run": f"{deep}-layer guidance: input EPG gain {gain:+.3f} vs {gain_input:+.3f} when guiding the input; "
+                        f"{speed:.1f}× the input-guided speed per epoch",
+            "verdict": verdict(gain >= 0.75 * gain_input and speed > 1, partly=gain > 0.25 * gain_input and speed > 1)}
 
+
+def _table1_shift(s: dict, birds: pd.DataFrame) -> dict:
     conv = birds[birds.task == "conventional"].groupby("model")
     worst, overall = conv.worst.mean(), conv.overall.mean()
     rev_runs = birds[birds.task == "reversed"].groupby("model")
@@ -1090,19 +1103,31 @@ def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object
     reversed_helps = bool(rev.get("energy", np.nan) > rev.get("baseline", np.nan)
                           and rev_overall.get("energy", np.nan) > rev_overall.get("baseline", np.nan))
     note = " — the reversed baseline is already at the ceiling, so that half is untestable here" if ceiling else ""
-    rows.append({"claim": "Table 1: guidance with 1% of the boxes improves worst-group and overall accuracy under shift, Energy ahead of L1",
-                 "paper": "conv. worst 43.4 → Energy 56.1 / L1 51.1; overall 68.7 → 71.2 / 69.5; rev. worst 56.6 → 62.8 / 58.8",
-                 "this_run": f"conv. worst {worst.get('baseline', np.nan):.1f} → Energy {worst.get('energy', np.nan):.1f} / "
-                             f"L1 {worst.get('l1', np.nan):.1f} (λ = 0 control {worst.get('control', np.nan):.1f}); overall "
-                             f"{overall.get('baseline', np.nan):.1f} → {overall.get('energy', np.nan):.1f} / {overall.get('l1', np.nan):.1f}; "
-                             f"rev. worst {rev.get('baseline', np.nan):.1f} → {rev.get('energy', np.nan):.1f} / {rev.get('l1', np.nan):.1f} "
-                             f"({s['birds_seeds']} seeds, SynthBirds-100){note}",
-                 "verdict": verdict(ordered and energy_helps and reversed_helps,
-                                    partly=energy_helps or reversed_helps)})
+    return {"claim": "Table 1: guidance with 1% of the boxes improves worst-group and overall accuracy under shift, Energy ahead of L1",
+            "paper": "conv. worst 43.4 → Energy 56.1 / L1 51.1; overall 68.7 → 71.2 / 69.5; rev. worst 56.6 → 62.8 / 58.8",
+            "this_run": f"conv. worst {worst.get('baseline', np.nan):.1f} → Energy {worst.get('energy', np.nan):.1f} / "
+                        f"L1 {worst.get('l1', np.nan):.1f} (λ = 0 control {worst.get('control', np.nan):.1f}); overall "
+                        f"{overall.get('baseline', np.nan):.1f} → {overall.get('energy', np.nan):.1f} / {overall.get('l1', np.nan):.1f}; "
+                        f"rev. worst {rev.get('baseline', np.nan):.1f} → {rev.get('energy', np.nan):.1f} / {rev.get('l1', np.nan):.1f} "
+                        f"({s['birds_seeds']} seeds, SynthBirds-100){note}",
+            "verdict": verdict(ordered and energy_helps and reversed_helps, partly=energy_helps or reversed_helps)}
 
+
+def _toy_bcos_trains(base_table: pd.DataFrame) -> dict:
     f1 = base_table[base_table.layer == "input"].groupby("config").test_f1.mean()
-    rows.append({"claim": "Toy B-cos (from scratch) trains about as well as the vanilla model (card §5.3, unverified)",
-                 "paper": "n/a (the paper fine-tunes ImageNet-pretrained models)",
-                 "this_run": "baseline test F1: " + ", ".join(f"{CONFIG_LABELS[c]} {v:.3f}" for c, v in f1.items()),
-                 "verdict": "n/a"})
-    return rows
+    return {"claim": "Toy B-cos (from scratch) trains about as well as the vanilla model (card §5.3, unverified)",
+            "paper": "n/a (the paper fine-tunes ImageNet-pretrained models)",
+            "this_run": "baseline test F1: " + ", ".join(f"{CONFIG_LABELS[c]} {v:.3f}" for c, v in f1.items()),
+            "verdict": "n/a"}
+
+
+def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object: pd.DataFrame,
+             fractions: pd.DataFrame, dilation: pd.DataFrame, depth: pd.DataFrame, birds: pd.DataFrame,
+             front: pd.DataFrame) -> list[dict]:
+    """The Findings rows (claim | paper | this run | verdict); every verdict is computed here,
+    one helper per claim (R4 and R9 are left out when the run lacks what they compare)."""
+    rows = [_r1_energy_best_epg(summary), _r2_l1_best_iou(summary), _r3_energy_on_object(on_object),
+            _r5_final_layer_helps(s, base_table, summary, front), _r4_bcos_best_input_epg(base_table, summary),
+            _r6_localisation_vs_f1(base_table, summary, front), _r7_few_boxes(s, fractions), _r8_coarse_boxes(s, dilation),
+            _r9_deeper_layer(s, depth), _table1_shift(s, birds), _toy_bcos_trains(base_table)]
+    return [row for row in rows if row is not None]
