@@ -15,14 +15,7 @@ from study.metrics import perturbation as P
 from study.models import SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP barriers
-    under contention cost ~100× the work; run single-threaded and restore the setting after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_model(weight: torch.Tensor) -> nn.Module:

@@ -17,13 +17,7 @@ from study import config, findings
 from study.experiments import phang2020 as P
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As the notebook's smoke profile: small convolutions gain nothing from threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConstantClassifier(nn.Module):

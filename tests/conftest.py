@@ -1,0 +1,14 @@
+"""Fixtures shared by several test modules."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    barriers under contention cost far more than the work: run a module single-threaded and
+    restore the setting afterwards. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
