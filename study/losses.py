@@ -280,26 +280,24 @@ def _input_and_logits(model: nn.Module, batch: dict, logits: torch.Tensor) -> tu
     return images, model(images)
 
 
-def rrr_extra_loss(lam: float):
-    """`extra_loss(model, batch, logits)` for fit: RRR with outside = ~batch["mask"]."""
+def _outside_mask_extra_loss(loss, lam: float):
     lam = _check_lambda(lam)
 
     def extra(model: nn.Module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         images, logits = _input_and_logits(model, batch, logits)
-        return rrr_loss(images, logits, ~_check_masks(batch["mask"], images), lam)
+        return loss(images, logits, ~_check_masks(batch["mask"], images), lam)
 
     return extra
+
+
+def rrr_extra_loss(lam: float):
+    """`extra_loss(model, batch, logits)` for fit: RRR with outside = ~batch["mask"]."""
+    return _outside_mask_extra_loss(rrr_loss, lam)
 
 
 def gradmask_extra_loss(lam: float):
     """`extra_loss(model, batch, logits)` for fit: GradMask with outside = ~batch["mask"]."""
-    lam = _check_lambda(lam)
-
-    def extra(model: nn.Module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-        images, logits = _input_and_logits(model, batch, logits)
-        return gradmask_loss(images, logits, ~_check_masks(batch["mask"], images), lam)
-
-    return extra
+    return _outside_mask_extra_loss(gradmask_loss, lam)
 
 
 class ActDiffExtraLoss:
