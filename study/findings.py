@@ -1,26 +1,44 @@
-"""The Findings table every notebook ends with: claim | paper's evidence | this run | verdict."""
+"""The Findings table every notebook ends with.
+
+Columns: claim | paper's evidence | this run | verdict | profile | n | uncertainty. A verdict is
+decided from an interval, not a point: `interval_verdict` says `reproduced` only when the whole
+interval is on the claimed side of the rule's threshold, `not reproduced` when it is wholly on the
+other side, and `inconclusive` when it straddles the threshold.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
-COLUMNS = ["claim", "paper", "this_run", "verdict"]
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "not tested", "n/a")
+COLUMNS = ["claim", "paper", "this_run", "verdict", "profile", "n", "uncertainty"]
+REQUIRED = ["claim", "paper", "this_run", "verdict"]
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "inconclusive", "not tested", "n/a")
+NOT_ESTIMATED = "none (point estimate)"
 
 
-def findings_table(rows: list[dict], figures_dir: str | Path | None = None) -> pd.DataFrame:
-    """Validate the rows, and write `<figures_dir>/findings.csv` when a directory is given."""
+def findings_table(rows: list[dict], figures_dir: str | Path | None = None, profile: str | None = None) -> pd.DataFrame:
+    """Validate the rows, fill `profile`, and write `<figures_dir>/findings.csv` when a directory is given.
+
+    A row may omit `n` (the seeds, images or panels behind its verdict) and `uncertainty` (the
+    interval or test, as text); they are then reported as blank and as a point estimate.
+    """
     if not rows:
         raise ValueError("findings_table needs at least one row")
     for row in rows:
-        missing = set(COLUMNS) - set(row)
+        missing = set(REQUIRED) - set(row)
         if missing:
             raise ValueError(f"finding {row.get('claim', row)!r} lacks {sorted(missing)}; columns are {COLUMNS}")
         if row["verdict"] not in VERDICTS:
             raise ValueError(f"verdict {row['verdict']!r} is not one of {VERDICTS}")
-    table = pd.DataFrame(rows)[COLUMNS]
+    filled = [{"profile": profile or "", "n": "", "uncertainty": NOT_ESTIMATED, **row} for row in rows]
+    table = pd.DataFrame(filled)[COLUMNS]
+    if profile is not None:
+        table["profile"] = profile
     if figures_dir is not None:
         Path(figures_dir).mkdir(parents=True, exist_ok=True)
         table.to_csv(Path(figures_dir) / "findings.csv", index=False)
@@ -29,3 +47,63 @@ def findings_table(rows: list[dict], figures_dir: str | Path | None = None) -> p
 
 def verdict(passed: bool, partly: bool = False) -> str:
     return "reproduced" if passed else ("partly reproduced" if partly else "not reproduced")
+
+
+def interval_verdict(low: float, high: float, threshold: float, *, above: bool = True) -> str:
+    """`reproduced` when [low, high] lies wholly on the claimed side of `threshold` (above it when
+    `above`, below it otherwise), `not reproduced` when wholly on the other side, else `inconclusive`."""
+    if any(not isinstance(v, (int, float, np.floating, np.integer)) or math.isnan(v) for v in (low, high, threshold)):
+        raise ValueError(f"interval_verdict needs finite numbers; got low={low}, high={high}, threshold={threshold}")
+    if low > high:
+        raise ValueError(f"interval is empty: low={low} > high={high}")
+    if not above:
+        low, high, threshold = -high, -low, -threshold
+    if low > threshold:
+        return "reproduced"
+    if high <= threshold:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def mean_interval(values, level: float = 0.95, method: str = "t", seed: int = 0) -> tuple[float, float, float]:
+    """Mean of `values` (one per unit: seed, image, panel) and its `level` confidence interval.
+
+    `method="t"`: Student's t interval (`scipy.stats.ttest_1samp`), right for a few seeds;
+    `method="bootstrap"`: BCa bootstrap over units (`scipy.stats.bootstrap`), for many images.
+    With a single unit the interval is the point itself (there is nothing to resample); callers
+    must report n so that a reader sees it. NaN values are dropped (an undefined score is missing,
+    not zero).
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    if np.isinf(x).any():
+        raise ValueError("mean_interval got an infinite value; drop or fix it first")
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        raise ValueError("mean_interval needs at least one non-NaN value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean = float(x.mean())
+    if x.size == 1 or np.all(x == x[0]):
+        return mean, mean, mean
+    if method == "t":
+        ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=level)
+    elif method == "bootstrap":
+        ci = stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
+                             random_state=np.random.default_rng(seed)).confidence_interval
+    else:
+        raise ValueError(f"unknown method {method!r}; choose 't' or 'bootstrap'")
+    return mean, float(ci.low), float(ci.high)
+
+
+def describe_interval(mean: float, low: float, high: float, n: int, unit: str = "seeds", digits: int = 2,
+                      method: str = "t") -> str:
+    """The `uncertainty` text: '0.61 [0.52, 0.70], 95% t CI over 5 seeds'."""
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}], 95% {method} CI over {n} {unit}"
+
+
+def check_summary(table: pd.DataFrame) -> str:
+    """What a checked notebook cell may print on any machine: the claims and that each carries a valid
+    verdict, never the verdicts themselves (an interval edge can move with floating-point summation)."""
+    lines = [f"{len(table)} claims, every verdict one of the allowed: {bool(table['verdict'].isin(VERDICTS).all())}"]
+    lines += [f"- {claim}" for claim in table["claim"]]
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ def test_smoke_run_of_the_tour(tmp_path):
     for name in ("datasets", "attribution_maps"):
         assert (figures / f"{name}.png").stat().st_size > 0
         assert len(pd.read_csv(figures / f"{name}.csv")) > 0
-    assert list(pd.read_csv(figures / "findings.csv").columns) == ["claim", "paper", "this_run", "verdict"]
+    assert list(pd.read_csv(figures / "findings.csv").columns) == ["claim", "paper", "this_run", "verdict", "profile", "n", "uncertainty"]
 
 
 @pytest.mark.parametrize("args, message", [
