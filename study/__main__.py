@@ -1,11 +1,15 @@
-"""Command line: `python -m study run|reproduce|refresh ...` (see README)."""
+"""Command line: `python -m study run|reproduce|sweep|robustness|refresh ...` (see README)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from study import report, runner, sweep
+import math
+
+import pandas as pd
+
+from study import report, robustness, runner, sweep
 
 
 def _parameters(pairs: list[list[str]] | None) -> dict:
@@ -37,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     sweep_cmd.add_argument("--output-dir", help="parent folder of the sweep (default runs/)")
 
+    robust_cmd = commands.add_parser("robustness", help="rerun a notebook with other seed sets; per claim, how often the verdict agrees")
+    robust_cmd.add_argument("notebook")
+    robust_cmd.add_argument("--seeds", default=",".join(map(str, robustness.DEFAULT_SEEDS)),
+                            help="comma-separated seed sets (the notebook's seed parameter), default %(default)s")
+    robust_cmd.add_argument("--profile", default="quick")
+    robust_cmd.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the kernels (check machine dependence)")
+    robust_cmd.add_argument("--executor", choices=["dask", "local"], default="local")
+    robust_cmd.add_argument("--scheduler", help="address of a running Dask scheduler")
+    robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
+    robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
+
     refresh_cmd = commands.add_parser("refresh", help="re-execute committed notebooks in place (developers)")
     refresh_cmd.add_argument("notebooks", nargs="+")
     return parser
@@ -61,6 +76,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{outcome['status']:8} {outcome['point']}" + (f"  {outcome['error']}" if outcome["error"] else ""))
             print(f"tables: {', '.join(sorted(tables)) or 'none'}")
             if any(o["status"] == "failed" for o in outcomes):
+                return 1
+        elif args.command == "robustness":
+            try:
+                seeds = [int(part) for part in args.seeds.split(",")]
+            except ValueError:
+                raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+            table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
+                                                    args.workers, args.threads, args.output_dir)
+            with pd.option_context("display.max_colwidth", 70, "display.width", 250):
+                print(table.to_string())
+            print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))
+            failed = [o for o in outcomes if o["status"] == "failed"]
+            for outcome in failed:
+                print(f"failed {outcome['point']}: {outcome['error']}", file=sys.stderr)
+            if failed:
                 return 1
         else:
             for name in args.notebooks:

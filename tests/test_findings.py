@@ -78,3 +78,26 @@ def test_check_summary_prints_claims_not_verdicts():
     text = check_summary(table)
     assert text == "2 claims, every verdict one of the allowed: True\n- x\n- y"
     assert "reproduced" not in text and "inconclusive" not in text
+
+
+def _tour_inputs(accuracy, energies, area=0.2):
+    from study.experiments import tour
+    run = {"splits": {"train": {"labels": np.arange(4).repeat(10)}, "test": {"labels": np.zeros(100)}},
+           "test": {"accuracy": accuracy}}
+    rows = [{"method": m, "image": i, "energy_in_mask": e, "mask_fraction": area}
+            for m, values in energies.items() for i, e in enumerate(values)]
+    return tour.findings(run, pd.DataFrame(rows))
+
+
+def test_tour_findings_follow_the_intervals():
+    on = {"gradient": [0.5, 0.6, 0.55, 0.45], "gradcam": [0.4, 0.5, 0.45, 0.42]}
+    good = _tour_inputs(0.9, on)
+    assert [r["verdict"] for r in good] == ["reproduced", "reproduced"]
+    assert good[0]["n"] == "100 test images" and "Clopper-Pearson" in good[0]["uncertainty"]
+    # accuracy 0.55 vs 2 × chance 0.5 with 100 images: the interval straddles the rule
+    assert _tour_inputs(0.55, on)[0]["verdict"] == "inconclusive"
+    assert _tour_inputs(0.3, on)[0]["verdict"] == "not reproduced"
+    off = {"gradient": [0.1, 0.15, 0.12, 0.1], "gradcam": [0.4, 0.5, 0.45, 0.42]}
+    assert _tour_inputs(0.9, off)[1]["verdict"] == "not reproduced"
+    mixed = {"gradient": [0.1, 0.6, 0.15, 0.5], "gradcam": [0.4, 0.5, 0.45, 0.42]}
+    assert _tour_inputs(0.9, mixed)[1]["verdict"] == "inconclusive"

@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scipy import stats
+
 from study import attribution, config, data, metrics, plots, train
+from study.findings import describe_interval, interval_verdict, mean_interval
 from study.models import SmallCNN
 
 GALLERY_DATASETS = ("synth_cifar", "synth_objects_64", "synth_parts_64", "synth_voc_64", "synth_birds_100")
@@ -64,11 +67,14 @@ def train_tour_model(profile: str, seed: int, dataset: str = "synth_objects_64",
             "history": pd.DataFrame(result.history), "from_cache": result.from_cache}
 
 
-def attribution_gallery(model: torch.nn.Module, arrays: dict, n_images: int, device: str = "auto"):
-    """Maps of three methods for the first test images, and how much positive attribution lies on the object."""
+def attribution_gallery(model: torch.nn.Module, arrays: dict, n_images: int, device: str = "auto",
+                        n_scored: int | None = None):
+    """Maps of three methods for the first `n_images` test images (the figure), and how much |attribution|
+    lies on the object for the first `n_scored` (default `n_images`) test images (the table)."""
     device = config.get_device(device)
-    images = torch.as_tensor(arrays["images"][:n_images], device=device)
-    masks = torch.as_tensor(arrays["masks"][:n_images], device=device)
+    n_scored = max(n_images, n_scored or n_images)
+    images = torch.as_tensor(arrays["images"][:n_scored], device=device)
+    masks = torch.as_tensor(arrays["masks"][:n_scored], device=device)
     with torch.no_grad():
         predicted = model.to(device)(images).argmax(1)
     maps = {name: attribution.explain(model, images, predicted, name, **options) for name, options in TOUR_METHODS.items()}
@@ -82,9 +88,42 @@ def attribution_gallery(model: torch.nn.Module, arrays: dict, n_images: int, dev
             axes[0, j].set_title(name, fontsize=8)
     energy = {name: metrics.energy_pointing_game(m.abs(), masks) for name, m in maps.items()}
     for name, values in energy.items():
-        for i, value in enumerate(values.tolist()):
+        for i, value in enumerate(values.tolist()[:n_scored]):
             rows.append({"method": name, "image": i, "label": int(arrays["labels"][i]),
                          "predicted": int(predicted[i]), "energy_in_mask": value,
                          "mask_fraction": float(masks[i].float().mean())})
     fig.tight_layout()
     return fig, pd.DataFrame(rows)
+
+
+def findings(run: dict, maps_table: pd.DataFrame) -> list[dict]:
+    """The tour's two checks, each decided from an interval.
+
+    Accuracy: the Clopper-Pearson 95% interval of test accuracy must lie above twice chance.
+    On-object energy: per method, the t interval over images of (energy in the mask − mask area)
+    must lie above 0; reproduced when it does for every method, not reproduced when some method's
+    interval lies at or below 0, inconclusive otherwise.
+    """
+    labels = run["splits"]["train"]["labels"]
+    chance = 1 / len(set(np.asarray(labels).tolist()))
+    n_test = len(run["splits"]["test"]["labels"])
+    correct = int(round(run["test"]["accuracy"] * n_test))
+    ci = stats.binomtest(correct, n_test).proportion_ci(confidence_level=0.95, method="exact")
+    rows = [{"claim": "The small CNN learns the shapes task (accuracy above 2 × chance)",
+             "paper": "n/a (tour)", "this_run": f"test accuracy {correct / n_test:.2f} vs 2 × chance {2 * chance:.2f}",
+             "verdict": interval_verdict(ci.low, ci.high, 2 * chance), "n": f"{n_test} test images",
+             "uncertainty": f"{correct / n_test:.2f} [{ci.low:.2f}, {ci.high:.2f}], 95% Clopper-Pearson CI"}]
+    verdicts, texts, uncertainty = [], [], []
+    for method, group in maps_table.groupby("method", sort=False):
+        mean, low, high = mean_interval(group["energy_in_mask"] - group["mask_fraction"])
+        verdicts.append(interval_verdict(low, high, 0.0))
+        texts.append(f"{method} {group['energy_in_mask'].mean():.2f}")
+        uncertainty.append(f"{method}: " + describe_interval(mean, low, high, len(group), "images"))
+    combined = ("reproduced" if all(v == "reproduced" for v in verdicts)
+                else "not reproduced" if "not reproduced" in verdicts else "inconclusive")
+    rows.append({"claim": "Every method puts more |attribution| on the object than its area",
+                 "paper": "n/a (tour)",
+                 "this_run": "energy in mask: " + "; ".join(texts) + f" vs area {maps_table['mask_fraction'].mean():.2f}",
+                 "verdict": combined, "n": f"{maps_table['image'].nunique()} images",
+                 "uncertainty": "energy − area per image: " + "; ".join(uncertainty)})
+    return rows

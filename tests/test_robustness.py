@@ -1,0 +1,56 @@
+"""The robustness report: verdict agreement across seed sets, and the CLI end to end at smoke."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from study.robustness import summary_line, verdict_agreement
+
+
+def _findings(verdicts_by_seed):
+    return pd.DataFrame([{"seed": seed, "claim": claim, "verdict": verdict}
+                         for seed, verdicts in verdicts_by_seed.items() for claim, verdict in verdicts.items()])
+
+
+def test_agreement_counts_the_most_common_verdict_and_compares_with_the_committed_one():
+    findings = _findings({
+        0: {"A": "reproduced", "B": "inconclusive"},
+        1: {"A": "reproduced", "B": "reproduced"},
+        2: {"A": "reproduced", "B": "not reproduced"},
+        3: {"A": "not reproduced", "B": "reproduced"},
+        4: {"A": "reproduced", "B": "inconclusive"},
+    })
+    committed = pd.DataFrame({"claim": ["A", "B"], "verdict": ["reproduced", "reproduced"]})
+    table = verdict_agreement(findings, committed)
+    assert list(table.index) == ["A", "B"]
+    assert table.loc["A", "agree"] == "4/5" and table.loc["A", "most common"] == "reproduced"
+    assert table.loc["B", "agree"] == "2/5"
+    assert table.loc["A", "seed 3"] == "not reproduced"
+    assert bool(table.loc["A", "same as committed"])
+    assert summary_line(table, 4) == "1 of 2 claims keep their verdict in ≥ 4 of 5 seed sets"
+    # all five agree on B → both claims pass the ≥ 4 of 5 target
+    stable = findings.assign(verdict=lambda f: f["verdict"].where(f["claim"] == "A", "reproduced"))
+    assert summary_line(verdict_agreement(stable), 4) == "2 of 2 claims keep their verdict in ≥ 4 of 5 seed sets"
+
+
+def test_agreement_rejects_tables_without_the_columns_or_rows():
+    with pytest.raises(ValueError, match="seed"):
+        verdict_agreement(pd.DataFrame({"claim": ["a"], "verdict": ["reproduced"]}))
+    with pytest.raises(ValueError, match="empty"):
+        verdict_agreement(pd.DataFrame(columns=["seed", "claim", "verdict"]))
+
+
+def test_robustness_cli_reruns_the_tour_at_smoke(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke",
+                           "--seeds", "0,7", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "seed 0" in done.stdout and "seed 7" in done.stdout
+    assert "of 2 claims keep their verdict in ≥ 2 of 2 seed sets" in done.stdout
+    assert (tmp_path / "robustness-00_tour-smoke" / "findings.csv").is_file()
+
+
+def test_robustness_cli_rejects_bad_seeds():
+    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--seeds", "a,b"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--seeds takes comma-separated integers" in done.stderr
