@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from study import report, robustness, runner, sweep
+from study import config, report, robustness, runner, sweep
 
 
 def _parameters(pairs: list[list[str]] | None) -> dict:
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
 
+    commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
+
     refresh_cmd = commands.add_parser("refresh", help="re-execute committed notebooks in place (developers)")
     refresh_cmd.add_argument("notebooks", nargs="+")
     return parser
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ran {len(paths)} notebook(s); executed copies in {paths[0].parent if paths else '-'}")
             figures = runner.default_figures_dir(paths[0], args.profile, paths[0].parent).parent
             print(f"findings report: {report.write_findings_report(figures)}")
+            if args.profile == "quick" and figures == config.FIGURES_DIR:
+                print(f"verdict summary: {report.update_readme_summary(figures)}")
+        elif args.command == "report":
+            print(f"verdict summary: {report.update_readme_summary()} (from {config.FIGURES_DIR / 'findings.md'})")
         elif args.command == "sweep":
             grid = {name: sweep.parse_grid_values(values) for name, values in (args.parameter or [])}
             outcomes, tables = sweep.sweep(args.notebook, grid, args.name, args.executor, args.scheduler,

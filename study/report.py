@@ -16,6 +16,15 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _counts(table: pd.DataFrame) -> str:
+    return ", ".join(f"{n} {v}" for v, n in table["verdict"].value_counts().items())
+
+
+def _profiles(table: pd.DataFrame) -> str:
+    profiles = sorted({p for p in table.get("profile", pd.Series(dtype=str)).astype(str) if p})
+    return ", ".join(f"`{p}`" for p in profiles) or "—"
+
+
 def write_findings_report(figures_dir: Path | None = None) -> Path:
     """Collect every `<figures_dir>/<notebook>/findings.csv` into `<figures_dir>/findings.md`."""
     figures_dir = Path(figures_dir or config.FIGURES_DIR)
@@ -23,13 +32,36 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
-        counts = table["verdict"].value_counts()
-        summary.append(f"| {folder.name} | " + ", ".join(f"{n} {v}" for v, n in counts.items()) + " |")
+        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} |")
         figures = " · ".join(f"[{png.stem}]({folder.name}/{png.name})" for png in sorted(folder.glob("*.png")))
         sections += [f"## {folder.name}\n", _markdown_table(table) + "\n", f"Figures: {figures or '—'}\n"]
     if not summary:
         raise ValueError(f"no findings.csv under {figures_dir}; run the notebooks first")
-    header = ["| notebook | verdicts |", "|---|---|", *summary, ""]
+    header = ["| notebook | profile | verdicts |", "|---|---|---|", *summary, ""]
     report = figures_dir / "findings.md"
     report.write_text("\n".join(sections[:2] + header + sections[2:]))
     return report
+
+
+README_START = "<!-- verdict summary: written by `python -m study report` from figures/findings.md -->"
+README_END = "<!-- end of verdict summary -->"
+
+
+def update_readme_summary(figures_dir: Path | None = None, readme: Path | None = None) -> Path:
+    """Rewrite the README's verdict summary (between its two markers) from the findings report.
+
+    The summary is the report's own table (notebook | profile | verdict counts), so the README can
+    never disagree with `figures/findings.md`."""
+    figures_dir = Path(figures_dir or config.FIGURES_DIR)
+    readme = Path(readme or config.ROOT / "README.md")
+    report = write_findings_report(figures_dir)
+    lines = report.read_text().splitlines()
+    start = lines.index("| notebook | profile | verdicts |")
+    end = lines.index("", start)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the verdict-summary markers {README_START!r} … {README_END!r}")
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    readme.write_text(before + README_START + "\n" + "\n".join(lines[start:end]) + "\n" + README_END + after)
+    return readme
