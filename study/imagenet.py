@@ -158,7 +158,7 @@ def _select(entries: list[dict], class_list, n_classes, per_class, seed: int) ->
 
 def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | None = None,
                         class_list: Sequence[str] | None = None, seed: int = 0, wnids=None, annotations=None,
-                        resize: int = 256, crop: int = 224) -> dict:
+                        resize: int = 256, crop: int = 224, require_target_box: bool = False) -> dict:
     """ImageNet validation images with their boxes, in the dataset dict of `study.data`.
 
     Classes: `class_list` (WordNet ids), else `n_classes` drawn without replacement by
@@ -171,7 +171,13 @@ def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | 
     the same rows before clipping to the crop (may extend past it; card Q5 of Phang); `masks` bool
     (N, 1, crop, crop), the union of the boxes of the image's own class; `group` zeros; `files`,
     `wnid` per image; `class_list` the chosen ids; `wnids` the full sorted id list.
+
+    `require_target_box=True` drops every picked image none of whose target-class boxes survives
+    the crop (its mask would be empty, and the pointing game is undefined on it);
+    `dropped_no_target_box` counts them (always 0 when False) and `dropped_files` names them.
     """
+    if not isinstance(require_target_box, (bool, np.bool_)):
+        raise ValueError(f"require_target_box must be True or False, got {require_target_box!r}")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"ImageNet root {root} is not a folder")
@@ -200,10 +206,21 @@ def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | 
     for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
         for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
             masks[i, 0, y0:y1, x0:x1] = True
+    keep = masks.any(axis=(1, 2, 3)) if require_target_box else np.ones(len(picked), bool)
+    dropped = [str(e["path"].relative_to(root)) for e, k in zip(picked, keep) if not k]
+    if not keep.any():
+        raise ValueError(f"none of the {len(picked)} picked images has a target-class box inside the "
+                         f"{crop}-px crop")
+    picked = [e for e, k in zip(picked, keep) if k]
+    labels = [label for label, k in zip(labels, keep) if k]
+    boxes = [b for b, k in zip(boxes, keep) if k]
+    unclipped = [b for b, k in zip(unclipped, keep) if k]
+    masks = masks[keep]
     return {"images": np.stack([load_image(entry["path"], resize, crop) for entry in picked]),
             "labels": np.array(labels, np.int64), "boxes": boxes, "boxes_unclipped": unclipped, "masks": masks,
             "group": np.zeros(len(picked), np.int64), "files": [str(e["path"].relative_to(root)) for e in picked],
-            "wnid": [e["wnid"] for e in picked], "class_list": chosen, "wnids": all_ids}
+            "wnid": [e["wnid"] for e in picked], "class_list": chosen, "wnids": all_ids,
+            "dropped_no_target_box": len(dropped), "dropped_files": dropped}
 
 
 def _crop_boxes(note: dict, index: dict[str, int], resize: int, crop: int) -> tuple[np.ndarray, np.ndarray]:

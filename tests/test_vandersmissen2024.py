@@ -215,12 +215,14 @@ def test_grade_shift_and_findings(tiny):
     dummies = tiny["tables"]["dummy_ranks"]
     assert set(V.DUMMIES) <= set(dummies.columns) and dummies.max().max() <= 11
     rows = V.findings(tiny["tables"])
-    assert len(rows) == 8
-    assert {r["verdict"] for r in rows} <= {"reproduced", "partly reproduced", "not reproduced"}
-    gt_row = rows[5]
+    assert len(rows) == 9
+    assert {r["verdict"] for r in rows} <= {"reproduced", "partly reproduced", "not reproduced", "inconclusive"}
+    assert all(r["n"] and r["uncertainty"] and "Rule: " in r["this_run"] for r in rows)
     pg_rank = tiny["tables"]["ranks"].xs("pointing_game", level="metric")["ground_truth"]
-    assert gt_row["verdict"] == ("reproduced" if (pg_rank == 1).all() else gt_row["verdict"])
     assert (pg_rank == 1).all()
+    from study.findings import findings_table
+
+    assert len(findings_table(rows, profile="smoke")) == 9  # every row valid for the shared table
 
 
 def test_train_models_at_smoke_size_uses_the_cache(tmp_path, monkeypatch):
@@ -378,3 +380,259 @@ def test_imagenet_path_end_to_end_on_the_fixture(imagenet_root, tmp_path, monkey
     assert "lrp_alpha1beta0" in set(scores["map"])  # a plain Sequential: LRP runs
     gt = scores[(scores["map"] == "ground_truth") & (scores["metric"] == "pointing_game")]
     assert (gt["score"] == 1).all()
+
+
+# ----------------------------------------------------------------------------- uncertainty and verdict rules
+
+
+def test_alpha_interval_jackknife_known_answers_and_errors():
+    rng = np.random.default_rng(0)
+    identical = np.tile(np.arange(6.0), (12, 1))
+    assert V.alpha_interval(identical) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0))
+    random = rng.random((40, 6))
+    alpha, low, high = V.alpha_interval(random)
+    assert low < alpha < high and low < 0 < high  # chance agreement: the interval covers 0
+    # the estimate is the ordinal α of the ranks, and the interval uses leave-one-image-out values only
+    assert alpha == pytest.approx(krippendorff.alpha(reliability_data=stats.rankdata(random, axis=1),
+                                                     level_of_measurement="ordinal"))
+    n = 40
+    pseudo = [n * alpha - (n - 1) * krippendorff.alpha(reliability_data=stats.rankdata(np.delete(random, i, 0), axis=1),
+                                                       level_of_measurement="ordinal") for i in range(n)]
+    ci = stats.ttest_1samp(pseudo, 0).confidence_interval()
+    assert (low, high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    agree = np.tile(np.arange(6.0), (30, 1)) + rng.normal(0, 0.3, (30, 6))
+    assert V.alpha_interval(agree)[1] > 0.667  # mostly identical rankings: the interval clears the threshold
+    with pytest.raises(ValueError, match="images ≥ 3"):
+        V.alpha_interval(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        V.alpha_interval(np.array([[1.0, np.nan], [1, 2], [2, 1]]))
+
+
+def test_bootstrap_images_interval_and_errors():
+    values = np.arange(30.0)
+    estimate, low, high = V.bootstrap_images(lambda i: values[i].mean(), 30, n_resamples=500)
+    assert estimate == pytest.approx(14.5) and low < 14.5 < high and high - low < 15
+    vector = V.bootstrap_images(lambda i: np.array([values[i].mean(), values[i].min()]), 30, n_resamples=200,
+                                method="basic")
+    assert vector[0].shape == (2,) and vector[2][1] >= vector[0][1]  # basic: the minimum's interval reaches above it
+    with pytest.raises(ValueError, match="at least 3 images"):
+        V.bootstrap_images(np.mean, 2)
+    with pytest.raises(ValueError, match="percentile"):
+        V.bootstrap_images(np.mean, 10, method="bca")
+
+
+def test_correlations_carry_fisher_intervals(tiny):
+    correlations = tiny["tables"]["correlations"]
+    off = correlations[correlations["metric_a"] != correlations["metric_b"]]
+    assert {"r_low", "r_high"} <= set(correlations.columns)
+    assert ((off["r_low"] <= off["r"] + 1e-9) & (off["r"] <= off["r_high"] + 1e-9)).all()
+    x, y = np.arange(10.0), np.array([1, 3, 2, 5, 4, 7, 6, 9, 8, 10.0])
+    ci = stats.pearsonr(x, y).confidence_interval()
+    assert -1 < ci.low < ci.high < 1  # the scipy interval used per pair
+
+
+def test_reliability_and_tau_intervals_of_the_run(tiny):
+    rel = tiny["tables"]["reliability"].dropna(subset=["alpha_low"])
+    assert len(rel) > 0 and (rel["alpha_low"] <= rel["alpha_high"]).all()
+    taus = tiny["tables"]["tau_intervals"]
+    agreement = tiny["tables"]["agreement"]
+    row = taus.dropna().iloc[0]
+    full = agreement[(agreement["arch"] == row["arch"]) & (agreement["metric_a"] == row["metric_a"]) &
+                     (agreement["metric_b"] == row["metric_b"])]["tau"].iloc[0]
+    assert row["tau"] == pytest.approx(full)  # the bootstrap's estimate is the table's τ
+    intervals = tiny["tables"]["intervals"]
+    expected = {"mean_tau", "min_tau", "min_tau_baseline", "median_abs_r_pg", "pg_minus_other", "drop_gap_soft",
+                "drop_gap_ratio", "gt_pg_margin", "sparsity_rho_drop", *(f"blur_drop_gain:{b}" for b in V.MANIPULATED)}
+    assert set(intervals["statistic"]) == expected
+    assert len(intervals) == 2 * len(expected)
+
+
+def test_sparsity_vs_grades_is_within_method():
+    """Two methods whose grades differ only between methods: pooled, Gini would predict Drop perfectly;
+    within each method, Drop rises with Gini for one and falls for the other."""
+    rows = []
+    for name, offset, slope in (("integrated_gradients", 0.8, 1.0), ("gradcam", 0.2, -1.0)):
+        for image in range(8):
+            gini = offset + 0.01 * image
+            rows += [{"arch": "a", "map": name, "image": image, "metric": "gini", "score": gini},
+                     {"arch": "a", "map": name, "image": image, "metric": "frac_below", "score": gini},
+                     {"arch": "a", "map": name, "image": image, "metric": "average_drop",
+                      "score": 50 + 40 * (offset - 0.5) + slope * image}]
+    scores = pd.DataFrame(rows)
+    within = V.sparsity_vs_grades(scores, grades=("average_drop",))
+    rho = within[within["descriptor"] == "gini"].set_index("map")["rho"]
+    assert rho["integrated_gradients"] == pytest.approx(1) and rho["gradcam"] == pytest.approx(-1)
+    summary = V.sparsity_grade_summary(within)
+    row = summary[summary["descriptor"] == "gini"].iloc[0]
+    assert row["mean_rho"] == pytest.approx(0) and row["n_methods"] == 2
+    pooled = stats.spearmanr(scores.loc[scores["metric"] == "gini", "score"],
+                             scores.loc[scores["metric"] == "average_drop", "score"]).statistic
+    assert pooled > 0.5  # what the pooled version measured: the difference between the methods
+    with pytest.raises(ValueError, match="no scores"):
+        V.sparsity_vs_grades(scores, maps=("rise",))
+
+
+def test_combine_verdicts():
+    assert V.combine_verdicts(["reproduced", "reproduced"]) == "reproduced"
+    assert V.combine_verdicts(["not reproduced"] * 3) == "not reproduced"
+    assert V.combine_verdicts(["reproduced", "inconclusive"]) == "partly reproduced"
+    assert V.combine_verdicts(["reproduced", "not reproduced"]) == "partly reproduced"
+    assert V.combine_verdicts(["not reproduced", "inconclusive"]) == "inconclusive"
+    with pytest.raises(ValueError, match="non-empty"):
+        V.combine_verdicts([])
+    with pytest.raises(ValueError, match="non-empty"):
+        V.combine_verdicts(["partly reproduced"])
+
+
+def _intervals(statistic, *bounds, n=24, unit="images"):
+    """An intervals table with one row per (estimate, low, high) in `bounds`, one arch each."""
+    return pd.DataFrame([{"arch": f"arch{k}", "statistic": statistic, "estimate": (low + high) / 2, "low": low,
+                          "high": high, "n": n, "unit": unit, "method": "test"} for k, (low, high) in enumerate(bounds)])
+
+
+def _verdict_of(step, tables):
+    return step(tables)["verdict"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("pass", "reproduced"), ("fail", "not reproduced"), ("straddle", "inconclusive"), ("mixed", "partly reproduced")])
+def test_baseline_rule_needs_twenty_percent_of_pairs_swapped(case, expected):
+    bounds = {"pass": [(0.1, 0.5), (0.2, 0.55)], "fail": [(0.65, 0.9), (0.99, 1.0)],  # any swap no longer suffices
+              "straddle": [(0.5, 0.7), (0.4, 0.8)], "mixed": [(0.1, 0.5), (0.7, 0.9)]}[case]
+    assert _verdict_of(V._baseline, {"intervals": _intervals("min_tau_baseline", *bounds)}) == expected
+    assert "0.6" in V.RULES["baseline"] and "20%" in V.RULES["baseline"]
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive")])
+def test_opposing_rule_needs_a_clearly_negative_tau(case, expected):
+    bounds = {"pass": [(-0.9, -0.4), (-0.7, -0.3)], "fail": [(-0.15, 0.3), (-0.1, 0.5)],  # τ < 0 alone fails
+              "straddle": [(-0.5, 0.1), (-0.6, 0.0)]}[case]
+    summary = pd.DataFrame({"arch": ["arch0", "arch1"], "share_negative": [0.4, 0.3]})
+    tables = {"intervals": _intervals("min_tau", *bounds), "correlation_summary": summary}
+    assert _verdict_of(V._opposing, tables) == expected
+    assert "−0.2" in V.RULES["opposing"]
+
+
+def _margins(*bounds):
+    return pd.DataFrame([{"arch": "arch0", "metric": metric, "dummy": "random", "method": "gradcam",
+                          "estimate": (low + high) / 2, "low": low, "high": high, "n": 24}
+                         for metric, (low, high) in zip(V.METRICS, bounds)])
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive")])
+def test_dummies_rule_needs_a_margin(case, expected):
+    rest = [(-0.3, -0.1)] * (len(V.METRICS) - 1)
+    first = {"pass": (0.08, 0.2), "fail": (0.001, 0.04), "straddle": (0.02, 0.2)}[case]  # a tiny win fails
+    assert _verdict_of(V._dummies, {"dummy_margins": _margins(first, *rest)}) == expected
+    assert "0.05" in V.RULES["dummies"]
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive")])
+def test_sparsity_within_rule(case, expected):
+    bounds = {"pass": [(0.3, 0.7)], "fail": [(-0.4, 0.1)], "straddle": [(0.0, 0.5)]}[case]
+    within = pd.DataFrame([{"arch": "arch0", "map": "gradcam", "grade": "average_drop", "descriptor": "gini",
+                            "rho": 0.4, "n_images": 24}])
+    tables = {"intervals": _intervals("sparsity_rho_drop", *bounds, n=6, unit="methods"),
+              "sparsity_vs_grades": within}
+    assert _verdict_of(V._sparsity_within, tables) == expected
+
+
+def _reliability(*bounds):
+    return pd.DataFrame([{"arch": "arch0", "metric": metric, "n_images": 24, "n_maps": 7, "alpha": (low + high) / 2,
+                          "alpha_low": low, "alpha_high": high} for metric, (low, high) in zip(V.METRICS, bounds)])
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive")])
+def test_coherence_rule_reads_alpha_intervals(case, expected):
+    k = len(V.METRICS)
+    bounds = {"pass": [(0.1, 0.5)] * (k // 2 + 1) + [(0.7, 0.9)] * (k - k // 2 - 1),
+              "fail": [(0.7, 0.9)] * (k // 2) + [(0.1, 0.3)] * (k - k // 2),
+              "straddle": [(0.5, 0.8)] * k}[case]
+    tables = {"reliability": _reliability(*bounds), "intervals": _intervals("mean_tau", (0.1, 0.4))}
+    assert _verdict_of(V._coherence, tables) == expected
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive"), ("half", "partly reproduced")])
+def test_pointing_game_rule(case, expected):
+    pg, diff = {"pass": ((0.05, 0.25), (-0.3, -0.05)), "fail": ((0.35, 0.6), (0.05, 0.2)),
+                "straddle": ((0.2, 0.4), (-0.1, 0.1)), "half": ((0.05, 0.25), (0.05, 0.2))}[case]
+    intervals = pd.concat([_intervals("median_abs_r_pg", pg), _intervals("pg_minus_other", diff)])
+    summary = pd.DataFrame({"arch": ["arch0"], "median_abs_r_other_pairs": [0.3]})
+    assert _verdict_of(V._pointing_game, {"intervals": intervals, "correlation_summary": summary}) == expected
+
+
+@pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
+                                            ("straddle", "inconclusive")])
+def test_interval_rules_of_the_other_claims(case, expected):
+    """Blur gain (> 5 pp), Drop gap (> 10 pp and ratio < 0.5), GT-box margin (> 0.1)."""
+    gain = {"pass": (8.0, 20.0), "fail": (-2.0, 4.0), "straddle": (3.0, 9.0)}[case]
+    shift = pd.DataFrame({"rank_change": [0, 1]})
+    intervals = pd.concat([_intervals(f"blur_drop_gain:{b}", gain) for b in V.MANIPULATED])
+    assert _verdict_of(V._sparsity_sways, {"intervals": intervals, "shift": shift}) == expected
+    gap, ratio = {"pass": ((15.0, 30.0), (0.1, 0.4)), "fail": ((-5.0, 8.0), (0.6, 0.9)),
+                  "straddle": ((5.0, 20.0), (0.3, 0.7))}[case]
+    intervals = pd.concat([_intervals("drop_gap_soft", gap), _intervals("drop_gap_ratio", ratio)])
+    gaps = pd.DataFrame({"arch": ["arch0"], "gap_average_drop_binarised": [5.0]})
+    assert _verdict_of(V._binarising, {"intervals": intervals, "drop_gaps": gaps}) == expected
+    margin = {"pass": (0.2, 0.5), "fail": (0.0, 0.05), "straddle": (0.05, 0.3)}[case]
+    ranks = pd.DataFrame({"ground_truth": [1.0, 3.0]},
+                         index=pd.MultiIndex.from_tuples([("arch0", "pointing_game"), ("arch0", "deletion_zero_pixel")],
+                                                         names=["arch", "metric"]))
+    assert _verdict_of(V._reference, {"intervals": _intervals("gt_pg_margin", margin), "ranks": ranks}) == expected
+
+
+def test_rule_helpers_reject_missing_statistics():
+    with pytest.raises(ValueError, match="no statistic"):
+        V._baseline({"intervals": _intervals("min_tau", (0.1, 0.2))})
+
+
+# ----------------------------------------------------------------------------- ImageNet: target box cropped away
+
+
+@pytest.fixture
+def imagenet_root_cropped(imagenet_root):
+    """The fixture plus a wide 600×300 image whose only target-class box (x 0–40) lies left of the crop."""
+    stem, wnid = "ILSVRC2012_val_00000004", WNIDS[1]
+    folder = imagenet_root / "val" / wnid
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(np.full((300, 600, 3), 128, np.uint8)).save(folder / f"{stem}.JPEG", quality=95)
+    _xml(imagenet_root / "bbox" / f"{stem}.xml", stem, 600, 300, [(wnid, 0, 0, 40, 300)])
+    return imagenet_root
+
+
+def test_loader_drops_and_counts_images_whose_target_box_is_cropped_away(imagenet_root_cropped):
+    kept = imagenet.load_imagenet_boxes(imagenet_root_cropped, annotations=imagenet_root_cropped / "bbox")
+    assert len(kept["labels"]) == 4 and kept["dropped_no_target_box"] == 0  # default: unchanged (notebook 03)
+    assert not kept["masks"][kept["labels"] == 1].any()  # the image that crashed the pointing game
+    out = imagenet.load_imagenet_boxes(imagenet_root_cropped, annotations=imagenet_root_cropped / "bbox",
+                                       require_target_box=True)
+    assert out["dropped_no_target_box"] == 1 and out["dropped_files"][0].endswith("ILSVRC2012_val_00000004.JPEG")
+    assert out["labels"].tolist() == [0, 2, 2] and len(out["boxes"]) == len(out["boxes_unclipped"]) == 3
+    assert out["images"].shape[0] == out["masks"].shape[0] == 3 and out["masks"].any(axis=(1, 2, 3)).all()
+    with pytest.raises(ValueError, match="require_target_box"):
+        imagenet.load_imagenet_boxes(imagenet_root_cropped, require_target_box="yes")
+    with pytest.raises(ValueError, match="none of the 1 picked images"):
+        imagenet.load_imagenet_boxes(imagenet_root_cropped, class_list=[WNIDS[1]], require_target_box=True)
+
+
+def test_imagenet_path_with_a_cropped_box_does_not_crash(imagenet_root_cropped, tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    prepared = V.prepare_imagenet("smoke", 0, imagenet_root_cropped, class_list=[WNIDS[0], WNIDS[1], WNIDS[2]],
+                                  n_images=6, steps=2, ig_steps=2, smoothgrad_samples=2, rise_masks=8, resize=73,
+                                  crop=64)
+    assert prepared["dropped_no_target_box"] == 1 and len(prepared["test"]["labels"]) == 3
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    scores = V.score_everything({"tiny": {"model": net, "model_key": "tiny"}}, prepared, seed=0, device="cpu").scores
+    pg = scores[(scores["map"] == "ground_truth") & (scores["metric"] == "pointing_game")]
+    assert len(pg) == 3 and (pg["score"] == 1).all()
+    # a dataset that still holds such an image (another source) is guarded in evaluation_set
+    raw = imagenet.load_imagenet_boxes(imagenet_root_cropped, class_list=[WNIDS[0], WNIDS[1]], resize=73, crop=64)
+    guarded = V.evaluation_set({**prepared, "test": raw}, 10)
+    assert len(guarded["labels"]) == 1 and guarded["masks"].flatten(1).any(1).all()

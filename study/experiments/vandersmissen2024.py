@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def prepare_synthetic(profile: str, seed: int, dataset: str = "synth_objects_64"
     splits = data.shapes_splits(seed, dataset, sizes={"train": s["n_train"], "test": s["n_test"]}, use_cache=True)
     mean, std = data.channel_stats(splits["train"]["images"])
     return {"settings": s, "dataset": dataset, "train": splits["train"], "test": splits["test"],
-            "mean": mean, "std": std, "image_size": splits["train"]["images"].shape[-1],
+            "dropped_no_target_box": 0, "mean": mean, "std": std, "image_size": splits["train"]["images"].shape[-1],
             "num_classes": int(splits["train"]["labels"].max()) + 1}
 
 
@@ -137,13 +138,21 @@ def supports_lrp(model: torch.nn.Module) -> bool:
 
 def evaluation_set(prepared: dict, n_images: int) -> dict:
     """The first `n_images` test images: pixel and standardised images, labels (= targets, card Q3),
-    boxes and the target-class box masks."""
+    boxes and the target-class box masks. An image without a target-class box is left out (the
+    loaders already drop and count them in `prepared["dropped_no_target_box"]`; this guards other
+    sources of data)."""
     test = prepared["test"]
     n = min(int(n_images), len(test["labels"]))
     images = torch.as_tensor(np.asarray(test["images"][:n]), dtype=torch.float32)
     labels = torch.as_tensor(np.asarray(test["labels"][:n]), dtype=torch.long)
     boxes = [np.asarray(b) for b in test["boxes"][:n]]
     masks = attribution.boxes_to_masks(boxes, images.shape[-2], images.shape[-1], labels.tolist()) > 0
+    keep = masks.flatten(1).any(dim=1)  # no target-class box in the image: the pointing game is undefined
+    if not bool(keep.any()):
+        raise ValueError(f"none of the first {n} test images has a target-class box")
+    if not bool(keep.all()):
+        images, labels, masks = images[keep], labels[keep], masks[keep]
+        boxes = [b for b, k in zip(boxes, keep.tolist()) if k]
     return {"pixels": images, "images": data.standardise(images, prepared["mean"], prepared["std"]),
             "labels": labels, "boxes": boxes, "masks": masks}
 
@@ -153,7 +162,8 @@ def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_clas
     """The real-data path (card §6): ImageNet validation images with XML boxes under `data_root`,
     `n_classes` classes drawn with `seed` (or `class_list`) and ceil(n_images / n_classes) images
     per class, Resize(resize) → CenterCrop(crop) (the paper's 256 / 224), ImageNet mean/std
-    normalisation."""
+    normalisation. Images whose target-class boxes all fall outside the crop are dropped (the
+    pointing game and the GT-box map need one) and counted in `dropped_no_target_box`."""
     from study import imagenet
 
     if data_root is None:
@@ -162,8 +172,9 @@ def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_clas
     n_classes = len(class_list) if class_list is not None else n_classes
     arrays = imagenet.load_imagenet_boxes(data_root, n_classes=None if class_list is not None else n_classes,
                                           per_class=math.ceil(s["n_images"] / n_classes), class_list=class_list,
-                                          seed=seed, resize=resize, crop=crop)
+                                          seed=seed, resize=resize, crop=crop, require_target_box=True)
     return {"settings": s, "dataset": "imagenet", "train": None, "test": arrays, "class_list": arrays["class_list"],
+            "dropped_no_target_box": arrays["dropped_no_target_box"],
             "mean": np.array(imagenet.IMAGENET_MEAN), "std": np.array(imagenet.IMAGENET_STD),
             "image_size": arrays["images"].shape[-1], "num_classes": len(arrays["wnids"])}
 
@@ -581,7 +592,8 @@ def per_image(scores: pd.DataFrame, arch: str, metric: str, families=PAPER_FAMIL
 
 def reliability(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.DataFrame:
     """Krippendorff's α per (arch, metric) with every image a rater of the methods (card E5):
-    primary = ordinal α on within-image ranks; "authors' code variant" (Q2) = interval α on the
+    primary = ordinal α on within-image ranks, with its 95% jackknife interval over images
+    (`alpha_interval`: alpha_low, alpha_high); "authors' code variant" (Q2) = interval α on the
     argsort output. NaN where α is undefined (every image ties every method)."""
     rows = []
     scores = _metric_rows(scores, families)
@@ -589,13 +601,16 @@ def reliability(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.DataFrame:
         for metric in METRICS:
             matrix = per_image(scores, arch, metric, families)
             entry = {"arch": arch, "metric": metric, "n_images": len(matrix), "n_maps": matrix.shape[1]}
-            variants = (("alpha", "ordinal", "rank"), ("alpha_authors_variant", "interval", "argsort"))
-            for column, level, ranking in variants:
-                try:
-                    entry[column] = metrics.krippendorff_alpha(matrix.to_numpy(), level=level, ranking=ranking,
-                                                               higher_is_better=HIGHER_IS_BETTER[metric])
-                except ValueError:
-                    entry[column] = float("nan")
+            try:
+                entry["alpha"], entry["alpha_low"], entry["alpha_high"] = alpha_interval(
+                    matrix.to_numpy(), HIGHER_IS_BETTER[metric])
+            except ValueError:
+                entry["alpha"] = entry["alpha_low"] = entry["alpha_high"] = float("nan")
+            try:
+                entry["alpha_authors_variant"] = metrics.krippendorff_alpha(
+                    matrix.to_numpy(), level="interval", ranking="argsort", higher_is_better=HIGHER_IS_BETTER[metric])
+            except ValueError:
+                entry["alpha_authors_variant"] = float("nan")
             rows.append(entry)
     table = pd.DataFrame(rows)
     alpha = table["alpha"]
@@ -611,9 +626,16 @@ def correlation_matrix(wide: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     metrics, point-biserial (Pearson with the raw continuous score) for a binary one, Pearson (phi)
     for two binary ones — the definitions of `metrics.metric_correlation_matrix` (cross-checked in
     the tests), without its per-pair overhead. Returns (r, kind) matrices; columns must vary."""
-    names = list(wide.columns)
-    values = wide.to_numpy(np.float64)
-    values = np.where([HIGHER_IS_BETTER[m] for m in names], values, 1.0 - values)
+    return _correlation_core(wide.to_numpy(np.float64), list(wide.columns))
+
+
+def _aligned_values(values: np.ndarray, names) -> np.ndarray:
+    """Lower-is-better metrics flipped to 1 − x (card E5)."""
+    return np.where([HIGHER_IS_BETTER[m] for m in names], values, 1.0 - values)
+
+
+def _correlation_core(values: np.ndarray, names) -> tuple[np.ndarray, np.ndarray]:
+    values = _aligned_values(values, names)
     binary = np.array([m in BINARY_METRICS for m in names])
     with np.errstate(invalid="ignore", divide="ignore"):
         raw = np.corrcoef(values, rowvar=False)
@@ -627,11 +649,13 @@ def correlation_matrix(wide: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return r, kind
 
 
-def metric_correlations(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.DataFrame:
+def metric_correlations(scores: pd.DataFrame, families=PAPER_FAMILIES, level: float = 0.95) -> pd.DataFrame:
     """Per (arch, map): the correlation across images of every pair of metrics (Spearman;
     point-biserial with a binary metric; Pearson = phi for two binary ones), after flipping the
-    lower-is-better metrics to 1 − x (card E5). Metrics constant over the images of a map have no
-    defined correlation and are left out. Long format: arch, map, metric_a, metric_b, r, correlation."""
+    lower-is-better metrics to 1 − x (card E5), with its `level` confidence interval
+    (`scipy.stats.pearsonr(...).confidence_interval`, Fisher z; for Spearman on the ranks, the usual
+    approximation). Metrics constant over the images of a map have no defined correlation and are
+    left out. Long format: arch, map, metric_a, metric_b, r, r_low, r_high, correlation."""
     rows = []
     for (arch, name), group in _metric_rows(scores, families).groupby(["arch", "map"], sort=False):
         wide = group.pivot(index="image", columns="metric", values="score")
@@ -639,10 +663,23 @@ def metric_correlations(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.Dat
         if len(varying) < 2 or len(wide) < 3:
             continue
         r, kind = correlation_matrix(wide[varying])
+        values = _aligned_values(wide[varying].to_numpy(np.float64), varying)
+        ranked = stats.rankdata(values, axis=0)
+        low, high = np.ones_like(r), np.ones_like(r)
+        for i in range(len(varying)):
+            for j in range(i + 1, len(varying)):
+                source = ranked if kind[i, j] == "spearman" else values
+                if len(wide) > 3:
+                    ci = stats.pearsonr(source[:, i], source[:, j]).confidence_interval(level)
+                    low[i, j] = low[j, i] = float(ci.low)
+                    high[i, j] = high[j, i] = float(ci.high)
+                else:  # Fisher's interval needs n > 3
+                    low[i, j] = low[j, i] = -1.0
+                    high[i, j] = high[j, i] = 1.0
         a, b = np.meshgrid(np.arange(len(varying)), np.arange(len(varying)), indexing="ij")
         rows.append(pd.DataFrame({"arch": arch, "map": name, "metric_a": np.array(varying)[a.ravel()],
-                                  "metric_b": np.array(varying)[b.ravel()], "r": r.ravel(),
-                                  "correlation": kind.ravel()}))
+                                  "metric_b": np.array(varying)[b.ravel()], "r": r.ravel(), "r_low": low.ravel(),
+                                  "r_high": high.ravel(), "correlation": kind.ravel()}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -660,7 +697,7 @@ def correlation_summary(correlations: pd.DataFrame) -> pd.DataFrame:
 
 def kendall_tau_matrix(table: pd.DataFrame) -> np.ndarray:
     """Kendall τ-b between the rows of a (metrics × methods) table, vectorised over all method pairs."""
-    x = table.to_numpy(np.float64)
+    x = np.asarray(table, dtype=np.float64)
     i, j = np.triu_indices(x.shape[1], k=1)
     signs = np.sign(x[:, i] - x[:, j])
     counts = (signs != 0).sum(axis=1).astype(np.float64)
@@ -691,17 +728,70 @@ def sparsity_table(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.DataFram
     return table[list(DESCRIPTORS)]
 
 
+def alpha_interval(matrix, higher_is_better: bool = True, level: float = 0.95) -> tuple[float, float, float]:
+    """Ordinal Krippendorff α of an (images × maps) score matrix on within-image ranks, and its
+    `level` jackknife interval over the images (the raters): α without image i for every i,
+    pseudo-values n·α − (n − 1)·α₍₋ᵢ₎, and the t interval of their mean
+    (`scipy.stats.ttest_1samp`, via `study.findings.mean_interval`). Leaving raters out never
+    duplicates one; a bootstrap over images would copy raters, whose perfect agreement with their
+    copies biases α upward. A leave-one-out α that is undefined (all ties) is dropped.
+    Returns (α, low, high)."""
+    from study.findings import mean_interval
+
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 3 or a.shape[1] < 2:
+        raise ValueError(f"alpha_interval needs an (images ≥ 3) × (maps ≥ 2) matrix; got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("alpha_interval got NaN or Inf scores; every map needs a score on every image")
+    alpha = metrics.krippendorff_alpha(a, level="ordinal", higher_is_better=higher_is_better)
+    n = a.shape[0]
+    pseudo = []
+    for i in range(n):
+        try:
+            left_out = metrics.krippendorff_alpha(np.delete(a, i, axis=0), level="ordinal",
+                                                  higher_is_better=higher_is_better)
+        except ValueError:
+            continue
+        pseudo.append(n * alpha - (n - 1) * left_out)
+    if len(pseudo) < 2:
+        return alpha, float("nan"), float("nan")
+    _, low, high = mean_interval(pseudo, level, "t")
+    return float(alpha), float(low), float(high)
+
+
 def sparsity_vs_grades(scores: pd.DataFrame, grades=("average_drop", "insertion_blur_region", "deletion_zero_pixel"),
-                       families=PAPER_FAMILIES) -> pd.DataFrame:
-    """Spearman ρ, over all (image, method) pairs of an arch, between the Gini index of a map and
-    its grade (card §5.5.5); raw grades, not sign-aligned."""
-    rows = scores[scores["family"].isin(families)]
+                       descriptors=("gini", "frac_below"), maps=METHODS) -> pd.DataFrame:
+    """Within each method (card §5.5.5): Spearman ρ over the images of one (arch, map) between a
+    sparsity descriptor of the map and its grade (raw grades, not sign-aligned), so that the
+    differences between methods do not enter. Long format: arch, map, grade, descriptor, rho,
+    n_images; ρ is NaN where either is constant over the images."""
+    rows = scores[scores["map"].isin(list(maps))]
+    if rows.empty:
+        raise ValueError(f"no scores for the maps {list(maps)}")
     wide = rows.pivot_table(index=["arch", "map", "image"], columns="metric", values="score")
     out = []
-    for arch, group in wide.groupby(level="arch", sort=False):
+    for (arch, name), group in wide.groupby(level=["arch", "map"], sort=False):
         for grade in grades:
-            rho = {key: float(stats.spearmanr(group[key], group[grade]).statistic) for key in ("gini", "frac_below")}
-            out.append({"arch": arch, "grade": grade, "rho_gini": rho["gini"], "rho_frac_below": rho["frac_below"]})
+            for key in descriptors:
+                x, y = group[key].to_numpy(), group[grade].to_numpy()
+                constant = len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
+                rho = float("nan") if constant else float(stats.spearmanr(x, y).statistic)
+                out.append({"arch": arch, "map": name, "grade": grade, "descriptor": key, "rho": rho,
+                            "n_images": len(x)})
+    return pd.DataFrame(out)
+
+
+def sparsity_grade_summary(within: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per (arch, grade, descriptor): the mean over methods of the within-method ρ of
+    `sparsity_vs_grades`, with its `level` t interval over the methods (NaN ρ dropped)."""
+    from study.findings import mean_interval
+
+    out = []
+    for (arch, grade, key), group in within.groupby(["arch", "grade", "descriptor"], sort=False):
+        rho = group["rho"].dropna()
+        mean, low, high = mean_interval(rho, level, "t") if len(rho) else (float("nan"),) * 3
+        out.append({"arch": arch, "grade": grade, "descriptor": key, "mean_rho": mean, "low": low, "high": high,
+                    "n_methods": len(rho)})
     return pd.DataFrame(out)
 
 
@@ -762,6 +852,170 @@ def winners(ranks: pd.DataFrame) -> pd.DataFrame:
 def correct_only_ranks(scores: pd.DataFrame) -> pd.DataFrame:
     """Method ranks on the images the model classifies correctly (card Q3's second report)."""
     return method_ranks(mean_scores(scores[scores["correct"].astype(bool)]))
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+LEVEL = 0.95
+N_BOOT = 1000
+BASELINE_GROUPS = (("deletion_zero_region", "deletion_uniform_region", "deletion_blur_region"),
+                   ("insertion_uniform_region", "insertion_blur_region"))
+
+
+def bootstrap_images(statistic, n_images: int, *, method: str = "percentile", n_resamples: int = N_BOOT,
+                     level: float = LEVEL, seed: int = 0):
+    """`statistic(image indices) -> float or 1-D array` on all images and its `level` bootstrap
+    interval over images (`scipy.stats.bootstrap` resamples the indices). `method`: "percentile",
+    or "basic" (2·estimate − quantiles) for a minimum, whose percentile interval is shifted down by
+    the noise of the many pairs it picks from. Returns (estimate, low, high), floats for a scalar
+    statistic, arrays for a vector one; NaN where a resample's statistic is NaN."""
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 3:
+        raise ValueError(f"bootstrap_images needs at least 3 images; got n_images={n_images!r}")
+    if method not in ("percentile", "basic"):
+        raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    index = np.arange(int(n_images))
+    estimate = np.asarray(statistic(index), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = stats.bootstrap((index,), lambda i: np.asarray(statistic(np.asarray(i, dtype=np.int64)), np.float64),
+                                 vectorized=False, n_resamples=n_resamples, confidence_level=level, method=method,
+                                 random_state=np.random.default_rng(seed))
+    low, high = np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
+    if estimate.ndim == 0:
+        return float(estimate), float(low), float(high)
+    return estimate, low, high
+
+
+def metric_cube(scores: pd.DataFrame, arch: str, families=PAPER_FAMILIES) -> tuple[np.ndarray, list[str], list[str]]:
+    """One arch's scores as an (images × metrics × maps) array, metrics in METRICS order and maps in
+    `map_order`; maps without scores for this arch (LRP on the ResNet-like) are left out."""
+    rows = _metric_rows(scores, families)
+    rows = rows[rows["arch"] == arch]
+    if rows.empty:
+        raise ValueError(f"no metric scores for arch {arch!r}")
+    table = rows.pivot_table(index="image", columns=["metric", "map"], values="score")
+    names = [m for m in METRICS if m in set(rows["metric"])]
+    maps = map_order(rows["map"].unique())
+    cube = np.stack([table[m].reindex(columns=maps).to_numpy(np.float64) for m in names], axis=1)
+    return cube, names, maps
+
+
+def _tau_statistics(cube: np.ndarray, names: list[str]):
+    """statistic(indices) -> [mean τ, min τ, min τ between baselines, τ of every metric pair]."""
+    signs = np.array([1.0 if HIGHER_IS_BETTER[m] else -1.0 for m in names])
+    upper = np.triu_indices(len(names), k=1)
+    position = {m: k for k, m in enumerate(names)}
+    baseline_pairs = [(position[a], position[b]) for group in BASELINE_GROUPS for a in group for b in group
+                      if a < b and a in position and b in position]
+
+    def statistic(index):
+        tau = kendall_tau_matrix(cube[index].mean(axis=0) * signs[:, None])
+        pairs = tau[upper]
+        between = np.array([tau[a, b] for a, b in baseline_pairs]) if baseline_pairs else np.array([np.nan])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN, as wanted
+            summary = [np.nanmean(pairs), np.nanmin(pairs), np.nanmin(between)]
+        return np.concatenate([summary, pairs])
+
+    return statistic, [(names[i], names[j]) for i, j in zip(*upper)]
+
+
+def _correlation_statistic(cube: np.ndarray, names: list[str]):
+    """statistic(indices) -> [median |r| of the pointing game with the other metrics, that minus the
+    median |r| among the other pairs], over every (map, metric pair) of one arch (as
+    `correlation_summary`)."""
+    names = np.array(names)
+
+    def statistic(index):
+        with_pg, other = [], []
+        for k in range(cube.shape[2]):
+            values = cube[index, :, k]
+            varying = np.ptp(values, axis=0) > 0
+            if varying.sum() < 2:
+                continue
+            r, _ = _correlation_core(values[:, varying], list(names[varying]))
+            kept = names[varying]
+            i, j = np.triu_indices(len(kept), k=1)
+            pg = (kept[i] == "pointing_game") | (kept[j] == "pointing_game")
+            with_pg.append(np.abs(r[i, j][pg]))
+            other.append(np.abs(r[i, j][~pg]))
+        with_pg, other = np.concatenate(with_pg or [[]]), np.concatenate(other or [[]])
+        pg_median = np.nanmedian(with_pg) if np.isfinite(with_pg).any() else np.nan
+        other_median = np.nanmedian(other) if np.isfinite(other).any() else np.nan
+        return np.array([pg_median, pg_median - other_median])
+
+    return statistic
+
+
+def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level: float = LEVEL) -> dict:
+    """The intervals behind the findings, per arch (long table `intervals`: arch, statistic,
+    estimate, low, high, n, unit, method) plus the Kendall τ of every metric pair with its
+    percentile bootstrap interval (`tau_intervals`) and the per-metric dummy margins
+    (`dummy_margins`). Resampling is over images; nothing is resampled that would copy a rater of α."""
+    from study.findings import mean_interval
+
+    rows, tau_rows, dummy_rows = [], [], []
+
+    def add(arch, statistic, values, n, unit, method):
+        estimate, low, high = values
+        rows.append({"arch": arch, "statistic": statistic, "estimate": float(estimate), "low": float(low),
+                     "high": float(high), "n": int(n), "unit": unit, "method": method})
+
+    within = sparsity_grade_summary(sparsity_vs_grades(scores, grades=("average_drop",), descriptors=("gini",)),
+                                    level)
+    for arch in scores["arch"].unique():
+        cube, names, maps = metric_cube(scores, arch)
+        n = cube.shape[0]
+        tau_stat, pairs = _tau_statistics(cube, names)
+        estimate, low, high = bootstrap_images(tau_stat, n, n_resamples=n_boot, level=level, seed=seed)
+        _, basic_low, basic_high = bootstrap_images(lambda i: tau_stat(i)[1:3], n, method="basic",
+                                                    n_resamples=n_boot, level=level, seed=seed)
+        add(arch, "mean_tau", (estimate[0], low[0], high[0]), n, "images", "percentile bootstrap")
+        add(arch, "min_tau", (estimate[1], basic_low[0], basic_high[0]), n, "images", "basic bootstrap")
+        add(arch, "min_tau_baseline", (estimate[2], basic_low[1], basic_high[1]), n, "images", "basic bootstrap")
+        tau_rows += [{"arch": arch, "metric_a": a, "metric_b": b, "tau": t, "low": lo, "high": hi}
+                     for (a, b), t, lo, hi in zip(pairs, estimate[3:], low[3:], high[3:])]
+        corr = bootstrap_images(_correlation_statistic(cube, names), n, n_resamples=n_boot, level=level, seed=seed)
+        add(arch, "median_abs_r_pg", (corr[0][0], corr[1][0], corr[2][0]), n, "images", "percentile bootstrap")
+        add(arch, "pg_minus_other", (corr[0][1], corr[1][1], corr[2][1]), n, "images", "percentile bootstrap")
+        # soft / binarised Drop gap, sparse (IG, SmoothGrad) minus coarse (Grad-CAM, occlusion, RISE), per image
+        gaps = {}
+        for metric in ("average_drop", "average_drop_binarised"):
+            matrix = per_image(scores, arch, metric, PAPER_FAMILIES)
+            gaps[metric] = (matrix[list(SPARSE)].mean(axis=1) - matrix[list(COARSE)].mean(axis=1)).to_numpy()
+        add(arch, "drop_gap_soft", mean_interval(gaps["average_drop"], level, "t"), n, "images", "t")
+        soft, binary = gaps["average_drop"], gaps["average_drop_binarised"]
+        add(arch, "drop_gap_ratio", bootstrap_images(lambda i: binary[i].mean() / soft[i].mean(), n,
+                                                     n_resamples=n_boot, level=level, seed=seed),
+            n, "images", "percentile bootstrap")
+        # blurring IG / SmoothGrad: per-image improvement of the soft Drop (percentage points)
+        drop = per_image(scores, arch, "average_drop", ("method", "variant"))
+        for base in MANIPULATED:
+            add(arch, f"blur_drop_gain:{base}", mean_interval(drop[base] - drop[f"{base}+blur"], level, "t"), n,
+                "images", "t")
+        # GT box on the pointing game: per-image hit minus that of the best other map
+        pg = per_image(scores, arch, "pointing_game", PAPER_FAMILIES)
+        others = [m for m in pg.columns if m != REFERENCE]
+        best = pg[others].mean().idxmax()
+        add(arch, "gt_pg_margin", mean_interval(pg[REFERENCE] - pg[best], level, "t"), n, "images", "t")
+        # within-method sparsity vs soft Drop
+        part = within[(within["arch"] == arch)].iloc[0]
+        add(arch, "sparsity_rho_drop", (part["mean_rho"], part["low"], part["high"]), part["n_methods"], "methods",
+            "t")
+        # dummies: best dummy minus worst real method per metric, per image, sign-aligned, in [0, 1] units
+        for metric in METRICS:
+            matrix = per_image(scores, arch, metric, ("method", "dummy"))
+            sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+            scale = 100.0 if metric.startswith("average_drop") else 1.0
+            aligned = sign * matrix / scale
+            real = [m for m in METHODS if m in aligned]
+            dummy, method = aligned[list(DUMMIES)].mean().idxmax(), aligned[real].mean().idxmin()
+            mean, low, high = mean_interval(aligned[dummy] - aligned[method], level, "t")
+            dummy_rows.append({"arch": arch, "metric": metric, "dummy": dummy, "method": method, "estimate": mean,
+                               "low": low, "high": high, "n": n})
+    return {"intervals": pd.DataFrame(rows), "tau_intervals": pd.DataFrame(tau_rows),
+            "dummy_margins": pd.DataFrame(dummy_rows)}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -967,142 +1221,257 @@ def figure_examples(model, evaluation: dict, settings: dict, seed: int, n: int =
 
 # ----------------------------------------------------------------------------- findings
 
-def analyse(evaluation: Evaluation) -> dict[str, pd.DataFrame]:
-    """Every table of the notebook from the long score table (each a groupby of it)."""
+def analyse(evaluation: Evaluation, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, pd.DataFrame]:
+    """Every table of the notebook from the long score table (each a groupby of it), with the
+    intervals behind the findings (`uncertainty`, `n_boot` resamples of the images)."""
     scores = evaluation.scores
     means = mean_scores(scores)
     correlations = metric_correlations(scores)
+    within = sparsity_vs_grades(scores)
     return {
         "means": means, "ranks": method_ranks(means), "reliability": reliability(scores),
         "correlations": correlations, "correlation_summary": correlation_summary(correlations),
         "agreement": ranking_agreement(means), "sparsity": sparsity_table(scores),
-        "sparsity_vs_grades": sparsity_vs_grades(scores), "shift": grade_shift(scores),
-        "dummy_ranks": dummy_ranks(scores), "drop_gaps": drop_gaps(means),
-        "correct_only_ranks": correct_only_ranks(scores),
+        "sparsity_vs_grades": within, "sparsity_grade_summary": sparsity_grade_summary(within),
+        "shift": grade_shift(scores), "dummy_ranks": dummy_ranks(scores), "drop_gaps": drop_gaps(means),
+        "correct_only_ranks": correct_only_ranks(scores), **uncertainty(scores, seed, n_boot),
     }
+
+
+ALPHA_THRESHOLD = metrics.KRIPPENDORFF_TENTATIVE
+# Each rule: statistic(s) of `uncertainty`, threshold, side, and its text (printed by the notebook).
+RULES = {
+    "coherence": "per metric, the 95% jackknife t CI (over images) of the ordinal α: incoherent when wholly below "
+                 "0.667, coherent when wholly at or above; reproduced for an architecture when more than half of the "
+                 "metrics are incoherent, not reproduced when at least half are coherent, inconclusive otherwise",
+    "sparsity_sways": "per (architecture, IG / SmoothGrad), the per-image improvement of the soft Drop % when the "
+                      "map is blurred: reproduced when its 95% t CI over images lies above 5 percentage points",
+    "sparsity_within": "within each method, Spearman ρ over images between the Gini index and the soft Drop %; "
+                       "reproduced when the 95% t CI over methods of the mean ρ lies above 0.2 (sparser maps of the "
+                       "same method dropped more)",
+    "opposing": "the lowest Kendall τ between two metrics' method rankings: reproduced when its 95% basic bootstrap "
+                "CI over images lies below −0.2 (at least 60% of the method pairs ordered oppositely)",
+    "pointing_game": "the median |r| between the pointing game and the other metrics (per-method correlations): "
+                     "its 95% percentile bootstrap CI over images below 0.3, and that of its difference to the "
+                     "median |r| among the other metric pairs below 0",
+    "binarising": "the per-image soft Drop % gap (IG / SmoothGrad minus Grad-CAM / occlusion / RISE): 95% t CI "
+                  "above 10 percentage points; and the binarised / soft gap ratio: 95% percentile bootstrap CI "
+                  "below 0.5",
+    "reference": "the per-image pointing-game hit of the GT box minus that of the best other map: reproduced when "
+                 "its 95% t CI lies above 0.1 (10 percentage points)",
+    "baseline": "the lowest Kendall τ between the method rankings of one curve under two baselines: reproduced "
+                "when its 95% basic bootstrap CI over images lies below 0.6 (more than 20% of the method pairs "
+                "swapped)",
+    "dummies": "per metric, the best dummy minus the worst real method, per image, sign-aligned, in [0, 1] units "
+               "(Drop / 100): a metric counts when its 95% t CI lies above 0.05; reproduced for an architecture "
+               "when some metric counts, not reproduced when every CI lies at or below 0.05",
+}
+# every architecture-level verdict of the rules above is combined by `combine_verdicts`
+COMBINED = ("reproduced", "not reproduced", "inconclusive")
+
+
+def combine_verdicts(verdicts) -> str:
+    """One verdict from several interval verdicts (architectures, conditions): all reproduced →
+    reproduced; all not reproduced → not reproduced; some reproduced → partly reproduced; none
+    reproduced and some inconclusive → inconclusive."""
+    verdicts = list(verdicts)
+    if not verdicts or any(v not in COMBINED for v in verdicts):
+        raise ValueError(f"combine_verdicts needs a non-empty list of {COMBINED}; got {verdicts!r}")
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    if all(v == "not reproduced" for v in verdicts):
+        return "not reproduced"
+    return "partly reproduced" if "reproduced" in verdicts else "inconclusive"
 
 
 def _per_arch(values: dict, fmt: str) -> str:
     return "; ".join(f"{_arch_label(a)} {fmt.format(v)}" for a, v in values.items())
 
 
+def _side(low: float, high: float, threshold: float, above: bool) -> str:
+    """`interval_verdict`, with an undefined (NaN) interval read as inconclusive."""
+    from study.findings import interval_verdict
+
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "inconclusive"
+    return interval_verdict(float(low), float(high), threshold, above=above)
+
+
+def _rows(intervals: pd.DataFrame, statistic: str) -> pd.DataFrame:
+    rows = intervals[intervals["statistic"] == statistic]
+    if rows.empty:
+        raise ValueError(f"the intervals table has no statistic {statistic!r}")
+    return rows
+
+
+def _judge(intervals: pd.DataFrame, statistic: str, threshold: float, above: bool) -> list[str]:
+    return [_side(r.low, r.high, threshold, above) for r in _rows(intervals, statistic).itertuples()]
+
+
+def _text(intervals: pd.DataFrame, statistic: str, fmt: str = "{:.2f}", label=None) -> str:
+    return "; ".join(f"{_arch_label(r.arch)}{' ' + label if label else ''} {fmt.format(r.estimate)} "
+                     f"[{fmt.format(r.low)}, {fmt.format(r.high)}]" for r in _rows(intervals, statistic).itertuples())
+
+
+def _n(intervals: pd.DataFrame, statistic: str) -> str:
+    rows = _rows(intervals, statistic)
+    return "; ".join(f"{_arch_label(r.arch)} {r.n} {r.unit}" for r in rows.itertuples())
+
+
+def _uncertainty(intervals: pd.DataFrame, statistics, fmt: str = "{:.2f}") -> str:
+    parts = []
+    for statistic in statistics:
+        rows = _rows(intervals, statistic)
+        parts.append(f"{statistic}: " + "; ".join(
+            f"{_arch_label(r.arch)} {fmt.format(r.estimate)} [{fmt.format(r.low)}, {fmt.format(r.high)}], "
+            f"95% {r.method} CI over {r.n} {r.unit}" for r in rows.itertuples()))
+    return " | ".join(parts)
+
+
+def _row(claim: str, paper: str, rule: str, this_run: str, verdict: str, n: str, uncertainty: str) -> dict:
+    return {"claim": claim, "paper": paper, "this_run": f"{this_run}. Rule: {RULES[rule]}", "verdict": verdict,
+            "n": n, "uncertainty": uncertainty}
+
+
 def _coherence(t: dict) -> dict:
-    rel, agreement = t["reliability"], t["agreement"]
-    low = rel.dropna(subset=["alpha"]).groupby("arch", sort=False)["alpha"].apply(
-        lambda a: float((a < metrics.KRIPPENDORFF_TENTATIVE).mean()))
-    pairs = agreement[agreement["metric_a"] < agreement["metric_b"]]
-    mean_tau = pairs.groupby("arch", sort=False)["tau"].mean()
-    return {"claim": "Some metrics grade explanations without coherency [abstract]",
-            "paper": "n/a (claim only; no number available)",
-            "this_run": f"share of metrics whose per-image rankings have ordinal α < 0.667: "
-                        f"{_per_arch(low.to_dict(), '{:.2f}')}; mean Kendall τ between metrics' method rankings: "
-                        f"{_per_arch(mean_tau.to_dict(), '{:.2f}')}",
-            "verdict": findings_verdict(bool((low > 0.5).all()), bool((low > 0.5).any()))}
+    rel = t["reliability"].dropna(subset=["alpha"])
+    verdicts, counts = [], {}
+    for arch, group in rel.groupby("arch", sort=False):
+        sides = [_side(r.alpha_low, r.alpha_high, ALPHA_THRESHOLD, False) for r in group.itertuples()]
+        below, above = sides.count("reproduced"), sides.count("not reproduced")
+        counts[arch] = (below, above, len(sides))
+        verdicts.append("reproduced" if below > len(sides) / 2 else
+                        "not reproduced" if above >= len(sides) / 2 else "inconclusive")
+    intervals = t["intervals"]
+    this_run = ("metrics whose α CI lies wholly below 0.667 / wholly at or above / of all with a defined α: "
+                + "; ".join(f"{_arch_label(a)} {b} / {c} / {n}" for a, (b, c, n) in counts.items())
+                + f"; mean Kendall τ between the metrics' method rankings: {_text(intervals, 'mean_tau')}")
+    alpha_text = "; ".join(f"{_arch_label(r.arch)} {METRIC_LABELS[r.metric]} {r.alpha:.2f} "
+                           f"[{r.alpha_low:.2f}, {r.alpha_high:.2f}]" for r in rel.itertuples())
+    n_images = rel.groupby("arch", sort=False)["n_images"].first()
+    return _row("Some metrics grade explanations without coherency [abstract]",
+                "n/a (claim only; no number available)", "coherence", this_run,
+                combine_verdicts(verdicts) if verdicts else "inconclusive",
+                "; ".join(f"{_arch_label(a)} {k} images × {len(rel[rel['arch'] == a])} metrics"
+                          for a, k in n_images.items()),
+                f"ordinal α, 95% jackknife t CI over images: {alpha_text}")
 
 
 def _sparsity_sways(t: dict) -> dict:
-    shift = t["shift"]
-    blur = shift[shift["manipulation"] == "blur"]
-    drop = blur[blur["metric"] == "average_drop"]
-    curves = blur[blur["metric"].isin(["insertion_blur_region", "deletion_zero_region"])]
+    intervals, shift = t["intervals"], t["shift"]
+    statistics = [f"blur_drop_gain:{base}" for base in MANIPULATED]
+    verdicts = [v for s in statistics for v in _judge(intervals, s, 5.0, True)]
     moved = float((shift["rank_change"] != 0).mean())
-    drop_text = "; ".join(f"{_arch_label(r.arch)} {_label(r.method)} {r.original:.0f} → {r.manipulated:.0f}"
-                          for r in drop.itertuples())
-    passed = [bool((drop["delta"] > 0).all()), moved >= 0.25]
-    return {"claim": "Characteristics of the maps (sparsity, coarseness) sway their grades [abstract]",
-            "paper": "n/a (claim only; no number available)",
-            "this_run": f"blurring (no new model information) changes the soft Drop %: {drop_text}; it improves Ins "
-                        f"(blur, region) and Del (zero, region) in {(curves['delta'] > 0).mean():.0%} of "
-                        f"{len(curves)} cases; blur/clip/binarise move the method's rank in {moved:.0%} of the "
-                        "(arch, method, manipulation, metric) cells",
-            "verdict": findings_verdict(all(passed), any(passed))}
+    gains = "; ".join(f"{_label(s.split(':')[1])}: {_text(intervals, s, '{:+.1f}')}" for s in statistics)
+    this_run = (f"soft Drop % improvement when the map is blurred (no new model information), percentage points: "
+                f"{gains}; blur / clip / binarise move the method's rank in {moved:.0%} of the (arch, method, "
+                "manipulation, metric) cells (descriptive)")
+    return _row("Characteristics of the maps (sparsity, coarseness) sway their grades [abstract]",
+                "n/a (claim only; no number available)", "sparsity_sways", this_run, combine_verdicts(verdicts),
+                _n(intervals, statistics[0]), _uncertainty(intervals, statistics, "{:+.1f}"))
+
+
+def _sparsity_within(t: dict) -> dict:
+    intervals = t["intervals"]
+    verdicts = _judge(intervals, "sparsity_rho_drop", 0.2, True)
+    within = t["sparsity_vs_grades"]
+    part = within[(within["grade"] == "average_drop") & (within["descriptor"] == "gini")]
+    per_method = "; ".join(f"{_arch_label(r.arch)} {_label(r.map)} {r.rho:+.2f}" for r in part.itertuples())
+    this_run = (f"mean over methods of the within-method Spearman ρ(Gini, soft Drop %): "
+                f"{_text(intervals, 'sparsity_rho_drop', '{:+.2f}')}; per method: {per_method}")
+    return _row("Within a method, sparser maps get a worse soft Average Drop [abstract claim 2; card §5.5.5, "
+                "within method]", "n/a (claim only; no number available)", "sparsity_within", this_run,
+                combine_verdicts(verdicts), _n(intervals, "sparsity_rho_drop") + f" ({part['n_images'].max()} images "
+                "each)", _uncertainty(intervals, ["sparsity_rho_drop"], "{:+.2f}"))
 
 
 def _opposing(t: dict) -> dict:
-    agreement, summary = t["agreement"], t["correlation_summary"].set_index("arch")
-    pairs = agreement[agreement["metric_a"] < agreement["metric_b"]]
-    min_tau = pairs.groupby("arch", sort=False)["tau"].min()
-    negative = summary["share_negative"]
-    return {"claim": "Metrics capture distinct, sometimes opposing notions of quality [summary]",
-            "paper": "n/a (claim only; no number available)",
-            "this_run": "lowest Kendall τ between two metrics' method rankings: "
-                        f"{_per_arch(min_tau.to_dict(), '{:.2f}')}; "
-                        f"share of per-image correlations < −0.1 after sign alignment: "
-                        f"{_per_arch(negative.to_dict(), '{:.2f}')}",
-            "verdict": findings_verdict(bool((min_tau < 0).all()), bool((min_tau < 0).any() or (negative > 0).any()))}
+    intervals, summary = t["intervals"], t["correlation_summary"].set_index("arch")
+    verdicts = _judge(intervals, "min_tau", -0.2, False)
+    this_run = (f"lowest Kendall τ between two metrics' method rankings: {_text(intervals, 'min_tau')}; share of "
+                f"per-image correlations < −0.1 after sign alignment (descriptive): "
+                f"{_per_arch(summary['share_negative'].to_dict(), '{:.2f}')}")
+    return _row("Metrics capture distinct, sometimes opposing notions of quality [summary]",
+                "n/a (claim only; no number available)", "opposing", this_run, combine_verdicts(verdicts),
+                _n(intervals, "min_tau"), _uncertainty(intervals, ["min_tau"]))
 
 
 def _pointing_game(t: dict) -> dict:
-    summary = t["correlation_summary"].set_index("arch")
-    pg, other = summary["median_abs_r_pointing_game"], summary["median_abs_r_other_pairs"]
-    weak = bool((pg < 0.3).all())
-    return {"claim": "The pointing game correlates only weakly with the other metrics [summary]",
-            "paper": "n/a (claim only; no number available)",
-            "this_run": f"median |r| with the pointing game: {_per_arch(pg.to_dict(), '{:.2f}')}; "
-                        f"among the other metrics: {_per_arch(other.to_dict(), '{:.2f}')}",
-            "verdict": findings_verdict(weak and bool((pg <= other).all()), weak or bool((pg <= other).all()))}
+    intervals, summary = t["intervals"], t["correlation_summary"].set_index("arch")
+    verdicts = _judge(intervals, "median_abs_r_pg", 0.3, False) + _judge(intervals, "pg_minus_other", 0.0, False)
+    this_run = (f"median |r| with the pointing game: {_text(intervals, 'median_abs_r_pg')}; minus the median |r| "
+                f"among the other metrics ({_per_arch(summary['median_abs_r_other_pairs'].to_dict(), '{:.2f}')}): "
+                f"{_text(intervals, 'pg_minus_other', '{:+.2f}')}")
+    return _row("The pointing game correlates only weakly with the other metrics [summary]",
+                "n/a (claim only; no number available)", "pointing_game", this_run, combine_verdicts(verdicts),
+                _n(intervals, "median_abs_r_pg"), _uncertainty(intervals, ["median_abs_r_pg", "pg_minus_other"]))
 
 
 def _binarising(t: dict) -> dict:
-    gaps = t["drop_gaps"].set_index("arch")
-    soft, binary = gaps["gap_average_drop"], gaps["gap_average_drop_binarised"]
-    shrinks = (soft > 0) & (binary.abs() < 0.5 * soft.abs())
-    return {"claim": "Soft Average Drop penalises sparse maps; binarising removes most of the gap [summary; "
-                     "card §3 mechanics, unverified]",
-            "paper": "n/a (claim only; no number available)",
-            "this_run": "Drop % of IG/SmoothGrad minus Grad-CAM/occlusion/RISE, soft: "
-                        f"{_per_arch(soft.to_dict(), '{:+.1f}')}; "
-                        f"binarised: {_per_arch(binary.to_dict(), '{:+.1f}')}",
-            "verdict": findings_verdict(bool(shrinks.all()), bool((binary.abs() < soft.abs()).any()))}
+    intervals, gaps = t["intervals"], t["drop_gaps"].set_index("arch")
+    verdicts = _judge(intervals, "drop_gap_soft", 10.0, True) + _judge(intervals, "drop_gap_ratio", 0.5, False)
+    this_run = (f"Drop % of IG/SmoothGrad minus Grad-CAM/occlusion/RISE, soft: "
+                f"{_text(intervals, 'drop_gap_soft', '{:+.1f}')}; binarised: "
+                f"{_per_arch(gaps['gap_average_drop_binarised'].to_dict(), '{:+.1f}')}; ratio binarised / soft: "
+                f"{_text(intervals, 'drop_gap_ratio')}")
+    return _row("Soft Average Drop penalises sparse maps; binarising removes most of the gap [summary; card §3 "
+                "mechanics, unverified]", "n/a (claim only; no number available)", "binarising", this_run,
+                combine_verdicts(verdicts), _n(intervals, "drop_gap_soft"),
+                _uncertainty(intervals, ["drop_gap_soft", "drop_gap_ratio"]))
 
 
 def _reference(t: dict) -> dict:
-    ranks = t["ranks"]
+    ranks, intervals = t["ranks"], t["intervals"]
     pg = ranks.xs("pointing_game", level="metric")[REFERENCE]
     deletion = ranks.xs("deletion_zero_pixel", level="metric")[REFERENCE]
-    return {"claim": "The GT-box map wins the pointing game but need not win deletion [card §3, unverified]",
-            "paper": "n/a (expectation from the metric mechanics)",
-            "this_run": f"GT-box rank on the pointing game: {_per_arch(pg.to_dict(), '{:.0f}')}; "
-                        f"on Del (zero, pixel): {_per_arch(deletion.to_dict(), '{:.0f}')} (1 = best)",
-            "verdict": findings_verdict(bool((pg == 1).all()), bool((pg == 1).any()))}
+    verdicts = _judge(intervals, "gt_pg_margin", 0.1, True)
+    this_run = (f"GT-box pointing-game hit rate minus the best other map's, per image: "
+                f"{_text(intervals, 'gt_pg_margin', '{:+.2f}')}; GT-box rank on the pointing game: "
+                f"{_per_arch(pg.to_dict(), '{:.0f}')}; on Del (zero, pixel): {_per_arch(deletion.to_dict(), '{:.0f}')} "
+                "(1 = best; descriptive)")
+    return _row("The GT-box map wins the pointing game but need not win deletion [card §3, unverified]",
+                "n/a (expectation from the metric mechanics)", "reference", this_run, combine_verdicts(verdicts),
+                _n(intervals, "gt_pg_margin"), _uncertainty(intervals, ["gt_pg_margin"], "{:+.2f}"))
 
 
 def _baseline(t: dict) -> dict:
-    agreement = t["agreement"]
-    groups = [["deletion_zero_region", "deletion_uniform_region", "deletion_blur_region"],
-              ["insertion_uniform_region", "insertion_blur_region"]]
-    rows = pd.concat([agreement[agreement["metric_a"].isin(g) & agreement["metric_b"].isin(g) &
-                                (agreement["metric_a"] < agreement["metric_b"])] for g in groups])
-    lowest = rows.groupby("arch", sort=False)["tau"].min()
-    return {"claim": "The Ins/Del baseline can reorder the methods [card §5.6, unverified]",
-            "paper": "n/a (expectation)",
-            "this_run": f"lowest Kendall τ between the rankings of the same curve with different baselines: "
-                        f"{_per_arch(lowest.to_dict(), '{:.2f}')}",
-            "verdict": findings_verdict(bool((lowest < 1).all()), bool((lowest < 1).any()))}
+    intervals = t["intervals"]
+    verdicts = _judge(intervals, "min_tau_baseline", 0.6, False)
+    this_run = ("lowest Kendall τ between the method rankings of the same curve with different baselines: "
+                f"{_text(intervals, 'min_tau_baseline')}")
+    return _row("The Ins/Del baseline can reorder the methods [card §5.6, unverified]", "n/a (expectation)",
+                "baseline", this_run, combine_verdicts(verdicts), _n(intervals, "min_tau_baseline"),
+                _uncertainty(intervals, ["min_tau_baseline"]))
 
 
 def _dummies(t: dict) -> dict:
-    ranks = t["dummy_ranks"]
-    real = [m for m in METHODS if m in ranks]
-    beats = (ranks[list(DUMMIES)].min(axis=1) < ranks[real].max(axis=1)).groupby(level="arch", sort=False).mean()
-    return {"claim": "Dummy maps (random, Sobel, constant, centre Gaussian) outrank real methods on some metrics "
-                     "[Stassin et al. 2023 extension, not this paper]",
-            "paper": "n/a (Stassin et al. abstract; no number)",
-            "this_run": f"share of metrics on which a dummy beats at least one real method: "
-                        f"{_per_arch(beats.to_dict(), '{:.2f}')}",
-            "verdict": findings_verdict(bool((beats > 0).all()), bool((beats > 0).any()))}
-
-
-def findings_verdict(passed: bool, partly: bool) -> str:
-    from study.findings import verdict
-
-    return verdict(bool(passed), partly=bool(partly))
+    margins = t["dummy_margins"]
+    verdicts, counts = [], {}
+    for arch, group in margins.groupby("arch", sort=False):
+        sides = [_side(r.low, r.high, 0.05, True) for r in group.itertuples()]
+        counts[arch] = (sides.count("reproduced"), len(sides))
+        verdicts.append("reproduced" if "reproduced" in sides else
+                        "not reproduced" if all(s == "not reproduced" for s in sides) else "inconclusive")
+    top = margins.loc[margins.groupby("arch", sort=False)["low"].idxmax()]
+    best = "; ".join(f"{_arch_label(r.arch)} {METRIC_LABELS[r.metric]}: {_label(r.dummy)} − {_label(r.method)} "
+                     f"{r.estimate:+.2f} [{r.low:+.2f}, {r.high:+.2f}]" for r in top.itertuples())
+    this_run = ("metrics on which the best dummy beats the worst real method by a CI wholly above 0.05: "
+                + "; ".join(f"{_arch_label(a)} {k} of {n}" for a, (k, n) in counts.items())
+                + f"; the largest margin (by CI low end): {best}")
+    return _row("Dummy maps (random, Sobel, constant, centre Gaussian) outrank real methods on some metrics "
+                "[Stassin et al. 2023 extension, not this paper]", "n/a (Stassin et al. abstract; no number)",
+                "dummies", this_run, combine_verdicts(verdicts),
+                "; ".join(f"{_arch_label(a)} {int(g['n'].iloc[0])} images × {len(g)} metrics"
+                          for a, g in margins.groupby("arch", sort=False)),
+                "per-metric margin, 95% t CI over images: " + "; ".join(
+                    f"{_arch_label(r.arch)} {METRIC_LABELS[r.metric]} {r.estimate:+.2f} [{r.low:+.2f}, {r.high:+.2f}]"
+                    for r in margins.itertuples()))
 
 
 def findings(tables: dict) -> list[dict]:
-    """The Findings rows, every verdict computed from this run's tables."""
-    return [step(tables) for step in (_coherence, _sparsity_sways, _opposing, _pointing_game, _binarising,
-                                      _reference, _baseline, _dummies)]
+    """The Findings rows, every verdict computed from this run's intervals by the rule in `RULES`."""
+    return [step(tables) for step in (_coherence, _sparsity_sways, _sparsity_within, _opposing, _pointing_game,
+                                      _binarising, _reference, _baseline, _dummies)]
 
 
 def save_and_show(fig, table: pd.DataFrame, figures_dir, name: str):
