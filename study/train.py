@@ -382,33 +382,51 @@ class _StackedOptimiser:
 
     @torch.no_grad()
     def step(self, grads) -> None:
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        for i, (param, grad) in enumerate(zip(self.params, grads)):
-            if grad is None:
-                continue
-            if self.uniform_wd:
-                if self.weight_decay[0] != 0:
-                    grad = grad.add(param, alpha=self.weight_decay[0])
-            else:
-                grad = grad + self.wd_t[i] * param
-            if self.kind == "sgd":
-                if self.uniform_lr:
-                    param.add_(grad, alpha=-self.lr[0])
-                else:
-                    param.add_(-self.lr_t[i] * grad)
-                continue
-            self.steps[i] += 1
-            step = self.steps[i]
-            exp_avg, exp_avg_sq = self.exp_avg[i], self.exp_avg_sq[i]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** step
-            bias_correction2 = 1 - beta2 ** step
-            denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+        active = [i for i, g in enumerate(grads) if g is not None]
+        if not active:
+            return
+        params = [self.params[i] for i in active]
+        grads = [grads[i] for i in active]
+        if self.uniform_wd:
+            if self.weight_decay[0] != 0:
+                grads = torch._foreach_add(grads, params, alpha=self.weight_decay[0])
+        else:
+            grads = [g + self.wd_t[i] * p for i, g, p in zip(active, grads, params)]
+        if self.kind == "sgd":
             if self.uniform_lr:
-                param.addcdiv_(exp_avg, denom, value=-(self.lr[0] / bias_correction1))
+                torch._foreach_add_(params, grads, alpha=-self.lr[0])
             else:
-                param.add_(-(self.lr_t[i] / bias_correction1) * exp_avg / denom)
+                torch._foreach_add_(params, torch._foreach_mul(grads, [-self.lr_t[i] for i in active]))
+            return
+        for i in active:
+            self.steps[i] += 1
+        if len({self.steps[i] for i in active}) > 1:  # some parameter skipped steps: one group per count
+            for i in active:
+                self._adam([self.params[i]], [grads[active.index(i)]], [i])
+            return
+        self._adam(params, grads, active)
+
+    def _adam(self, params: list, grads: list, index: list[int]) -> None:
+        """torch's Adam update (the operations of `_single_tensor_adam`, as foreach ops) for
+        parameters that share a step count."""
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        step = self.steps[index[0]]
+        exp_avgs = [self.exp_avg[i] for i in index]
+        exp_avg_sqs = [self.exp_avg_sq[i] for i in index]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2 ** 0.5)
+        torch._foreach_add_(denom, eps)
+        if self.uniform_lr:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, value=-(self.lr[0] / bias_correction1))
+        else:
+            update = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_mul_(update, [-(self.lr_t[i] / bias_correction1) for i in index])
+            torch._foreach_add_(params, update)
 
 
 def fit_many(

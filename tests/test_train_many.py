@@ -127,6 +127,22 @@ def test_per_run_training_sets_and_sgd_match_fit():
     _compare(batched, single, models_b, models_s)
 
 
+def test_multi_hot_labels_use_binary_cross_entropy_like_fit():
+    """Multi-hot float labels (Rao's setting): BCE per run, AUC/accuracy as `evaluate` computes them."""
+    seeds = [0, 1]
+    train_data, valid_data = _toy(50, 12), _toy(51, 10)
+    for d in (train_data, valid_data):
+        d["label"] = torch.nn.functional.one_hot(d["label"], 2).double()
+    common = {"epochs": 2, "lr": 3e-3, "select": "valid_auc", "device": "cpu", "progress": False}
+    models_b = [_cnn(s) for s in seeds]
+    models_s = [copy.deepcopy(m) for m in models_b]
+    batched = train.fit_many(models_b, train_data, seeds=seeds, batch_size=4, valid_data=valid_data, **common)
+    single = [train.fit(m, train.TensorLoader(train_data, 4, seed=s), valid_loader=train.TensorLoader(valid_data, 256, shuffle=False),
+                        **common) for m, s in zip(models_s, seeds)]
+    _compare(batched, single, models_b, models_s)
+    assert 0.0 <= batched[0].history[-1]["valid_accuracy"] <= 1.0
+
+
 def test_float32_runs_match_fit_closely():
     """float32 (how the notebooks train): the batched convolutions may sum in another order, and
     Adam's first steps (lr·g/|g|) amplify rounding in near-zero gradients, so the stated tolerances
