@@ -71,7 +71,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                     "losses": ["energy", "l1"], "lambda_factors": [1 / 3, 1, 3], "seeds": [0], "ablation_config": "bcos",
                     "fractions": [0.01, 0.1], "dilations": [0.25, 0.5], "depth_layers": ["mid"],
                     "birds_image_size": 32, "birds_n_train": 800, "birds_n_valid": 100, "birds_n_test": 800,
-                    "birds_seeds": 4, "birds_config": "bcos", "birds_layer": "input", "birds_fraction": 0.01,
+                    "birds_seeds": 8, "birds_config": "bcos", "birds_layer": "input", "birds_fraction": 0.01,
                     "birds_baseline_epochs": 15, "birds_finetune_epochs": 8, "birds_tint": 0.1, "birds_contrast": 0.5,
                     "birds_lambda_scale": 1.0, "cooccur": None, "workers": 2, "threads": 1},
         "viviano2021": {"n_seeds": 3, "methods": ["baseline", "masked", "shuffle", "maskall", "adversarial", "actdiff", "gradmask", "rrr"],

@@ -283,6 +283,9 @@ def layer_attribution(model: ToyNet, images: torch.Tensor, targets: torch.Tensor
                          "attributions and only B-cos models do (card Q8)")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"images must be a float tensor (B,C,H,W), got {getattr(images, 'shape', type(images))}")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device != images.device:
+        raise ValueError(f"model is on {parameter.device} but images are on {images.device}; move both to one device")
     targets = torch.as_tensor(targets, device=images.device)
     if targets.shape != (images.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be integer class indices of shape ({images.shape[0]},), got "
@@ -551,6 +554,10 @@ def uniform_map_epg(data: GuidanceData) -> float:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256, device="cpu") -> torch.Tensor:
+    """Logits (on the CPU) of `images`, computed in batches on `device`; the model is moved there
+    first (a model loaded from the cache is on the CPU, issue 13)."""
+    device = config.get_device(device)
+    model.to(device)
     was_training = model.training
     model.eval()
     logits = torch.cat([model(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
@@ -565,6 +572,7 @@ def evaluate(model: ToyNet, data: GuidanceData, layer: str = "input", method: st
     threshold, and (with segmentation masks) the share of the in-box positive energy that lies on
     the object. The model is evaluated in eval mode; maps are upsampled to the image size."""
     device = config.get_device(device)
+    model.to(device)
     was_training = model.training
     model.eval()
     logits = predict_logits(model, data.images, batch_size, device)
@@ -593,6 +601,7 @@ def evaluate(model: ToyNet, data: GuidanceData, layer: str = "input", method: st
     if per_pair:
         result["pair_epg"] = epg
         result["pair_image"] = images_idx
+        result["pair_iou"] = ious
         result["logits"] = logits
     return result
 

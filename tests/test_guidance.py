@@ -410,3 +410,46 @@ def test_finetune_evaluates_test_exactly_on_the_final_validation_front():
     assert set(result["state"]) == set(model.state_dict())
     with pytest.raises(ValueError, match="lam"):
         G.guided_finetune(model, data, data, loss="energy", layer="input", lam=-1.0, epochs=1)
+
+
+# ----------------------------------------------------------------------------- devices (issue 13)
+
+
+def test_evaluation_moves_the_model_to_the_device_it_is_given():
+    """A model loaded from the cache sits on the CPU; `predict_logits` and `evaluate` must move it to
+    the device their inputs go to (on a GPU: 'Input type (torch.cuda.FloatTensor) and weight type
+    (torch.FloatTensor) should be the same'). Checked on the CPU with a spy on `.to`."""
+    torch.manual_seed(0)
+    model = G.build_model("vanilla", 2, (4, 4, 4, 4)).eval()
+    moved = []
+    original = model.to
+    model.to = lambda *args, **kwargs: (moved.append(torch.device(args[0]) if args else kwargs["device"]),
+                                        original(*args, **kwargs))[1]
+    images = torch.rand(3, 3, 16, 16)
+    labels = torch.tensor([[1.0, 0], [1, 1], [0, 1]])
+    boxes = torch.zeros(3, 2, 16, 16, dtype=torch.bool)
+    boxes[:, :, 2:10, 2:10] = True
+    G.predict_logits(model, images, device="cpu")
+    assert moved == [torch.device("cpu")]
+    moved.clear()
+    G.evaluate(model, G.GuidanceData(images, labels, boxes), "input", device="cpu")
+    assert moved and set(moved) == {torch.device("cpu")}
+
+
+def test_attribution_rejects_a_model_on_another_device():
+    model = G.build_model("vanilla", 2, (4, 4, 4, 4)).to("meta")
+    with pytest.raises(ValueError, match="model is on meta but images are on cpu"):
+        G.layer_attribution(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), "input")
+
+
+def test_evaluate_per_pair_scores_match_the_means():
+    torch.manual_seed(0)
+    model = G.build_model("vanilla", 2, (4, 4, 4, 4)).eval()
+    labels = torch.tensor([[1.0, 0], [1, 1], [0, 1]])
+    boxes = torch.zeros(3, 2, 16, 16, dtype=torch.bool)
+    boxes[:, :, 2:10, 2:10] = True
+    scores = G.evaluate(model, G.GuidanceData(torch.rand(3, 3, 16, 16), labels, boxes), "input", per_pair=True)
+    assert scores["pair_image"].tolist() == [0, 1, 1, 2]
+    assert scores["pair_iou"].shape == (4, len(G.IOU_THRESHOLDS))
+    assert scores["pair_iou"].mean(0).tolist() == pytest.approx(scores["iou_curve"])
+    assert float(scores["pair_epg"].mean()) == pytest.approx(scores["epg"])

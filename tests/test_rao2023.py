@@ -307,10 +307,14 @@ def test_smoke_pipeline_analysis_and_findings(smoke):
     third = R.third_party_table(baselines["table"], front)
     assert len(third) == 7 and third.loc[0, "3rd-party EPG"] == "0.301" and third["this run EPG"].ne("n/a").all()
     assert list(R.quirks_table().quirk) == [f"Q{i}" for i in range(1, 13)]
+    pairs = R.pair_scores(s, 0, baselines, runs["plan"], "cpu")
+    assert {key[0] for key in pairs} == {"baseline", "E1", "E3", "E4", "E5"}
     rows = R.findings(s, baselines["table"], summary, R.on_object_table(front, baselines["table"]), fractions, dilation,
-                      depth, birds, front)
+                      depth, birds, front, pairs, runs)
     assert len(rows) == 11
-    assert all(r["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not tested", "n/a") for r in rows)
+    assert all(r["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "inconclusive", "not tested", "n/a")
+               for r in rows)
+    assert all(r["n"] and r["uncertainty"] for r in rows)
 
 
 def test_paper_grid_runs_end_to_end_at_toy_size(private_cache):
@@ -334,3 +338,166 @@ def test_paper_grid_runs_end_to_end_at_toy_size(private_cache):
     assert set(zip(front.config, front.layer, front.loss)) == grid and front.test_f1.notna().all()
     summary = R.loss_summary(front, baselines["table"])
     assert len(summary) == 40 and np.isfinite(summary.hv_epg).all()
+
+
+# ----------------------------------------------------------------------------- devices (issue 13)
+
+
+def test_cached_models_meet_their_inputs_on_the_device(smoke, monkeypatch):
+    """Fake device check: every ToyNet must have been moved with `.to(device)` before it runs. Before
+    the fix, `train_baselines` evaluated a model loaded from the cache (CPU) on CUDA inputs."""
+    s, baselines, runs = smoke["s"], smoke["baselines"], smoke["runs"]
+    placed_to, original_to = [], G.ToyNet.to
+
+    def to(self, *args, **kwargs):
+        self._placed = True
+        placed_to.append(str(args[0]) if args else str(kwargs.get("device")))
+        return original_to(self, *args, **kwargs)
+
+    def checked(method):
+        def run(self, *args, **kwargs):
+            assert getattr(self, "_placed", False), f"{type(self).__name__}.{method.__name__} ran before .to(device)"
+            return method(self, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(G.ToyNet, "to", to)
+    monkeypatch.setattr(G.ToyNet, "forward", checked(G.ToyNet.forward))
+    monkeypatch.setattr(G.ToyNet, "stages", checked(G.ToyNet.stages))
+    again = R.train_baselines(s, 0, "cpu")                  # every run cached: only the evaluations run
+    pd.testing.assert_frame_equal(again["table"].drop(columns="seconds"), baselines["table"].drop(columns="seconds"))
+    R.calibrate(s, baselines, "cpu")
+    R.birds_baseline_rows(s, baselines, "cpu")
+    R.attribution_gallery(s, baselines, runs["plan"], 0, device="cpu")
+    R.pair_scores(s, 0, baselines, runs["plan"], "cpu")
+    assert placed_to and set(placed_to) == {"cpu"}
+
+
+# ----------------------------------------------------------------------------- verdict rules
+
+
+def test_combine_parts_of_a_claim():
+    assert R.combine(["reproduced", "reproduced"]) == "reproduced"
+    assert R.combine(["reproduced", "not reproduced"]) == "partly reproduced"
+    assert R.combine(["not reproduced", "inconclusive"]) == "not reproduced"
+    assert R.combine(["reproduced", "inconclusive"]) == "inconclusive"
+    assert R.combine(["not tested", "reproduced"]) == "reproduced"
+    assert R.combine(["not tested"]) == "not tested"
+    with pytest.raises(ValueError, match="part verdicts"):
+        R.combine(["partly reproduced"])
+    with pytest.raises(ValueError, match="part verdicts"):
+        R.combine([])
+
+
+def _summary(energy, l1):
+    rows = []
+    for i, (e, l) in enumerate(zip(energy, l1)):
+        for loss, value in (("energy", e), ("l1", l)):
+            rows.append({"config": "bcos", "layer": f"layer{i}", "loss": loss, "hv_epg": value, "hv_iou": value})
+    return pd.DataFrame(rows)
+
+
+def test_r1_r2_hypervolume_ratio_rule():
+    passing = _summary([1.0, 1.1, 1.2, 1.0], [0.5, 0.5, 0.6, 0.5])
+    failing = _summary([0.5, 0.5, 0.6, 0.5], [1.0, 1.1, 1.2, 1.0])
+    straddle = _summary([0.6, 1.4, 0.7, 1.3], [1.0, 1.0, 1.0, 1.0])        # mean ratio 1.0, wide interval around 0.95
+    assert R._r1_energy_best_epg(passing)["verdict"] == "reproduced"
+    assert R._r1_energy_best_epg(failing)["verdict"] == "not reproduced"
+    assert R._r1_energy_best_epg(straddle)["verdict"] == "inconclusive"
+    assert R._r2_l1_best_iou(failing)["verdict"] == "reproduced"
+    assert R._r2_l1_best_iou(passing)["verdict"] == "not reproduced"
+    row = R._r1_energy_best_epg(passing)
+    assert row["n"].startswith("4 panels (1 configs × 4 layers × 2 losses)") and "95% t CI over 4 panels" in row["uncertainty"]
+
+
+def _on_object(difference):
+    difference = np.asarray(difference, float)
+    return pd.DataFrame({"config": "bcos", "layer": [f"l{i}" for i in range(len(difference))], "uniform_map": 0.5,
+                         "baseline": 0.6, "energy": 0.6 + difference, "l1": 0.6})
+
+
+def test_r3_on_object_rule_and_nan_share():
+    assert R._r3_energy_on_object(_on_object([0.10, 0.12, 0.09, 0.11]))["verdict"] == "reproduced"
+    assert R._r3_energy_on_object(_on_object([-0.10, -0.12, -0.09, -0.11]))["verdict"] == "not reproduced"
+    assert R._r3_energy_on_object(_on_object([0.10, -0.10, 0.05, -0.04]))["verdict"] == "inconclusive"
+    missing = _on_object([0.1, 0.1]).assign(energy=np.nan, l1=np.nan)  # VOC2007 without segmentation masks
+    row = R._r3_energy_on_object(missing)
+    assert row["verdict"] == "not tested" and "segmentation" in row["this_run"]
+
+
+def _front_panel(lose, keep):
+    base = pd.DataFrame([{"config": "bcos", "layer": "input", "test_f1": 0.8, "test_epg": 0.5, "test_iou": 0.2,
+                          "test_iou05": 0.1, "test_on_object": 0.5, "uniform_epg": 0.3}])
+    front = pd.DataFrame([{"config": "bcos", "layer": "input", "test_epg": 0.7, "test_f1": 0.7}] * lose
+                         + [{"config": "bcos", "layer": "input", "test_epg": 0.7, "test_f1": 0.85}] * keep,
+                         columns=["config", "layer", "test_epg", "test_f1"])
+    return base, base[["config", "layer"]], front
+
+
+def test_r6_trade_off_rule():
+    assert R._r6_localisation_vs_f1(*_front_panel(30, 5))["verdict"] == "reproduced"
+    assert R._r6_localisation_vs_f1(*_front_panel(3, 30))["verdict"] == "partly reproduced"   # usually improves both
+    assert R._r6_localisation_vs_f1(*_front_panel(18, 17))["verdict"] == "inconclusive"       # 21/35 flipped before
+    assert R._r6_localisation_vs_f1(*_front_panel(0, 0))["verdict"] == "not tested"
+
+
+def _pairs(values: dict, n: int = 40) -> dict:
+    """Per-pair score frames, one pair per image, for the keys of `values` (seed 0 appended)."""
+    out = {}
+    for key, value in values.items():
+        epg = np.broadcast_to(np.asarray(value, float), (n,))
+        out[(*key, 0)] = pd.DataFrame({"image": np.arange(n), "epg": epg, "iou": epg})
+    return out
+
+
+def _r7(base, few, some, full):
+    s = {"fractions": [0.01, 0.1], "ablation_config": "bcos"}
+    fractions = pd.DataFrame({"loss": "energy", "fraction": [0.01, 0.1, 1.0], "epg_gain": [0.0, 0.0, 0.0]})
+    pairs = _pairs({("baseline", "bcos", "input"): base, ("E3", "energy", 0.01): few, ("E3", "energy", 0.1): some,
+                    ("E1", "bcos", "input", "energy"): full})
+    return R._r7_few_boxes(s, fractions, pairs)
+
+
+def test_r7_few_boxes_rule_on_per_image_differences():
+    assert _r7(0.3, 0.5, 0.55, 0.58)["verdict"] == "reproduced"
+    assert _r7(0.3, 0.3, 0.3, 0.58)["verdict"] == "not reproduced"
+    noise = np.tile([0.3, -0.3], 20)                      # gain at 1%: mean exactly the 0.02 threshold, wide interval
+    row = _r7(0.3, 0.32 + noise, 0.35, 0.33)
+    assert row["verdict"] == "inconclusive" and row["n"] == "40 test images × 1 seed"
+    with pytest.raises(ValueError, match="no per-pair scores"):
+        R.per_image_contrast({}, {("E3", "energy", 0.01): 1})
+    with pytest.raises(ValueError, match="at least one"):
+        R.per_image_contrast({}, {})
+
+
+def test_r8_dilation_rule():
+    s = {"dilations": [0.25, 0.5], "ablation_config": "bcos"}
+    dilation = pd.DataFrame({"loss": ["energy", "energy", "l1", "l1"], "dilation": [0.0, 0.5, 0.0, 0.5],
+                             "test_epg": [0.6, 0.6, 0.6, 0.5]})
+    values = lambda e0, e5, l0, l5: _pairs({("E1", "bcos", "input", "energy"): e0, ("E4", "energy", 0.5): e5,  # noqa: E731
+                                            ("E1", "bcos", "input", "l1"): l0, ("E4", "l1", 0.5): l5})
+    assert R._r8_coarse_boxes(s, dilation, values(0.6, 0.6, 0.6, 0.5))["verdict"] == "reproduced"
+    assert R._r8_coarse_boxes(s, dilation, values(0.6, 0.4, 0.6, 0.6))["verdict"] == "not reproduced"
+
+
+def _birds(energy_minus_control):
+    rows = []
+    for seed, delta in enumerate(energy_minus_control):
+        for task in ("conventional", "reversed"):
+            for model, worst in (("baseline", 5.0), ("control", 5.0), ("energy", 5.0 + delta), ("l1", 5.0 + delta / 2)):
+                if task == "reversed":
+                    worst = 100.0
+                rows.append({"task": task, "seed": seed, "model": model, "worst": worst, "min_group": worst - 1,
+                             "overall": 50 + worst / 2})
+    return pd.DataFrame(rows)
+
+
+def test_table1_rule_is_a_paired_comparison_over_seeds():
+    s = {"birds_seeds": 8}
+    passing = R._table1_shift(s, _birds([20, 22, 18, 25, 19, 21, 23, 20]))
+    assert passing["verdict"] == "reproduced" and passing["n"] == "8 seeds"
+    assert "ceiling" in passing["this_run"] and "minimum over groups" in passing["this_run"]
+    assert "paired t CI over 8 seeds" in passing["uncertainty"]
+    assert R._table1_shift(s, _birds([-20, -22, -18, -25, -19, -21, -23, -20]))["verdict"] == "not reproduced"
+    assert R._table1_shift(s, _birds([30, -30] * 4))["verdict"] == "inconclusive"
+    with pytest.raises(ValueError, match="equal-length"):
+        R._paired([1.0, 2.0], [1.0])
