@@ -79,6 +79,28 @@ def test_resnet_with_batchnorm_three_runs_match_fit_one_by_one():
     assert {r.best_epoch for r in batched} <= {1, 2}
 
 
+def test_extra_forward_through_model_call_updates_each_runs_batchnorm_like_fit():
+    """An extra loss that runs the models again (train mode) through `model_call`, as a fit extra
+    loss calling model(x) does: the second pass's BatchNorm updates land in each run's statistics."""
+    seeds = [5, 6]
+    train_data = _toy(60, 16)
+
+    def extra_single(model, batch, logits):
+        return model(batch["image"].flip(-1)).pow(2).mean()
+
+    def extra_many(model_call, batch, logits):
+        return model_call(batch["image"].flip(-1)).pow(2).flatten(1).mean(1)
+
+    common = {"epochs": 2, "lr": 2e-3, "device": "cpu", "progress": False}
+    models_b = [_resnet(s) for s in seeds]
+    models_s = [copy.deepcopy(m) for m in models_b]
+    batched = train.fit_many(models_b, train_data, seeds=seeds, batch_size=8, extra_loss=extra_many, **common)
+    single = [train.fit(m, train.TensorLoader(train_data, 8, seed=s), extra_loss=extra_single, **common)
+              for m, s in zip(models_s, seeds)]
+    _compare(batched, single, models_b, models_s)
+    assert int(models_b[1].bn1.num_batches_tracked) == 2 * 2 * 2  # two passes per step, 2 steps, 2 epochs
+
+
 def test_cnn_with_input_gradient_extra_loss_and_per_run_lambda_matches_fit():
     """SmallCNN, one lr, an input-gradient penalty outside the mask with per-run λ, AUC selection."""
     seeds, lams = [3, 4, 5], [0.5, 1.0, 2.0]
