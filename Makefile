@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env
 
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf runs data/cache

@@ -87,9 +87,12 @@ def run_notebook(
     parameters = dict(parameters or {})
     check_parameters(notebook, parameters)
     profile = parameters.get("profile", declared_default(notebook, "profile"))
-    runs_dir = Path(runs_dir or config.RUNS_DIR / profile)
+    runs_dir = Path(runs_dir or config.RUNS_DIR / profile).resolve()  # the kernel runs in notebooks/: no relative paths
     if "figures_dir" in declared_parameters(notebook):
         parameters.setdefault("figures_dir", str(default_figures_dir(notebook, profile, runs_dir)))
+    for name in ("figures_dir", "data_root"):
+        if isinstance(parameters.get(name), str):  # relative to where the user stands, not to notebooks/
+            parameters[name] = str(Path(parameters[name]).resolve())
     runs_dir.mkdir(parents=True, exist_ok=True)
     final = runs_dir / notebook.name
     partial = runs_dir / f".{notebook.stem}.partial.ipynb"
