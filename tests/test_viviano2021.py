@@ -12,6 +12,7 @@ from torch import nn
 
 from study import config, data, xray
 from study.experiments import viviano2021 as v
+from study.findings import findings_table
 
 
 @pytest.fixture
@@ -106,6 +107,20 @@ def test_train_method_selects_after_burn_in_and_caches(smoke):
         v.train_method("rrr_trainable", splits, smoke, 0, dataset="rsna_vpc")
 
 
+def test_prefill_trains_in_worker_processes_and_train_all_loads_from_the_cache(smoke):
+    s = {**smoke, "methods": ["baseline", "masked"], "n_seeds": 1}
+    assert v.prefill(v.SYNTHETIC, s, 0, device="cpu") == 0  # one worker: nothing to do in parallel
+    s = {**s, "workers": 2, "threads": 1}
+    assert not v.is_cached("masked", s, 0)
+    assert v.prefill(v.SYNTHETIC, s, 0, device="cpu") == 2
+    assert v.is_cached("masked", s, 0) and v.is_cached("baseline", s, 0)
+    runs, table = v.train_all(v.SYNTHETIC, s, 0, device="cpu")
+    assert table["from_cache"].all() and len(table) == 2
+    assert v.prefill(v.SYNTHETIC, s, 0, device="cpu") == 0  # all cached
+    with pytest.raises(ValueError, match="workers"):
+        v.experiment_settings("smoke", workers=0)
+
+
 def test_fit_adversarial_counts_encoder_steps_over_the_run(smoke):
     arrays = v.load_splits(v.SYNTHETIC, 0, smoke)
     config.seed_everything(0)
@@ -162,12 +177,15 @@ def test_correlation_known_answers():
     assert result["spearman"] == pytest.approx(1.0)
     assert result["pearson"] == pytest.approx(np.corrcoef([0, 1, 2, 3, 4], [0, 2, 4, 6, 9])[0, 1])
     assert result["pearson_low"] < result["pearson"] <= result["pearson_high"]
+    from scipy import stats
+    ci = stats.pearsonr([0, 1, 2, 3, 4], [0, 2, 4, 6, 9]).confidence_interval()
+    assert (result["pearson_low"], result["pearson_high"]) == pytest.approx((ci.low, ci.high))
     assert np.isnan(v.correlation([1, 1, 1, 1], [0, 1, 2, 3])["pearson"])
     with pytest.raises(ValueError, match=">= 3"):
         v.correlation([0, 1], [1, 0])
 
 
-def test_summary_card_table_and_findings_from_numbers():
+def test_summary_card_table_and_correlations_from_numbers():
     table = _fake_table()
     summary = v.summary_table(table)
     assert summary.loc["baseline", "test_auc"] == "0.00±0.00"
@@ -176,13 +194,178 @@ def test_summary_card_table_and_findings_from_numbers():
     assert side.loc["Masked-shuffle (control)", "test_auc"].startswith("1.000±0.000 | ")
     corr = v.correlations(table)
     assert (corr["pearson"] > 0.9).all()
-    severity = pd.DataFrame([{"method": m, "seed": 0, "flip_prob": p, "test_auc": auc, "iou_grad": 0.3}
-                             for p in (0.0, 0.5, 1.0)
-                             for m, auc in (("baseline", 1 - p), ("masked", 1.0), ("actdiff", 1.0))])
-    shares = pd.Series({"baseline": 0.4, "actdiff": 0.05})
-    verdicts = {row["claim"].split(" ")[0] + row["claim"][-12:]: row["verdict"]
-                for row in v.findings(table, corr, severity, shares)}
-    assert list(verdicts.values()) == ["reproduced"] * 9 + ["not tested"]
+
+
+# ------------------------------------------------------------------- verdicts from intervals
+
+SEEDS = range(5)
+# per method: test AUC per seed, IoU per seed, share of the mean |IG| on the distractor per seed
+PASSING = {
+    "baseline": ([0.0, 0.01, 0.0, 0.02, 0.0], 0.3),
+    "masked": ([0.99, 0.97, 0.98, 1.0, 0.99], 0.1),
+    "shuffle": ([0.97, 0.99, 0.98, 0.96, 0.99], 0.1),
+    "maskall": ([0.99, 0.99, 1.0, 0.98, 0.99], 0.02),
+    "adversarial": ([0.88, 0.95, 0.86, 0.97, 0.92], 0.1),
+    "actdiff": ([1.0, 1.0, 0.99, 1.0, 1.0], 0.03),
+    "gradmask": ([0.72, 0.70, 0.75, 0.68, 0.74], 0.05),
+    "rrr": ([0.49, 0.51, 0.50, 0.52, 0.48], 0.1),
+}
+FAILING = {
+    "baseline": ([0.60, 0.62, 0.65, 0.61, 0.63], 0.05),
+    "masked": ([0.55, 0.50, 0.52, 0.58, 0.54], 0.1),
+    "shuffle": ([0.55, 0.50, 0.52, 0.58, 0.54], 0.1),
+    "maskall": ([0.99, 0.99, 1.0, 0.98, 0.99], 0.02),
+    "adversarial": ([0.50, 0.50, 0.51, 0.50, 0.50], 0.1),
+    "actdiff": ([0.60, 0.90, 0.30, 0.80, 0.50], 0.1),
+    "gradmask": ([0.47, 0.49, 0.48, 0.46, 0.50], 0.05),   # at chance (the 0.48)
+    "rrr": ([0.90, 0.92, 0.91, 0.93, 0.90], 0.1),
+}
+
+
+def _table(spec, iou=lambda auc, seed: 0.1 + 0.5 * auc + 0.003 * seed):
+    rows = []
+    for method, (aucs, share) in spec.items():
+        for seed, auc in zip(SEEDS, aucs):
+            rows.append({"method": method, "seed": seed, "val_auc": auc, "test_auc": auc,
+                         "distractor_share": share + 0.002 * seed,
+                         **{f"{sc}_{a}": iou(auc, seed) for sc in v.SCORES for a in v.ATTRIBUTIONS}})
+    return pd.DataFrame(rows)
+
+
+def _severity(baseline=lambda p: 1 - p, helper=lambda p: 1.0):
+    return pd.DataFrame([{"method": m, "seed": seed, "flip_prob": p, "test_auc": f(p) + 0.01 * seed, "iou_grad": 0.3}
+                         for seed in SEEDS for p in (0.0, 0.5, 1.0)
+                         for m, f in (("baseline", baseline), ("masked", helper), ("actdiff", helper))])
+
+
+def _verdicts(table, severity=None, corr=None):
+    corr = v.correlations(table) if corr is None else corr
+    return {row["claim"].split(" ")[0]: row for row in v.findings(table, corr, severity)}
+
+
+KEYS = ["Baseline", "Masks", "Adversarial", "GradMask", "RRR", "Masked-shuffle", "On", "How", "Mean", "No"]
+
+
+def test_a_passing_table_reproduces_every_claim_with_its_uncertainty():
+    rows = _verdicts(_table(PASSING), _severity())
+    assert list(rows) == KEYS
+    assert {k: r["verdict"] for k, r in rows.items()} == {**{k: "reproduced" for k in KEYS}, "No": "not tested"}
+    for key in KEYS[:-1]:
+        assert rows[key]["n"].startswith(("5 seeds", "40 runs", "30 runs")), rows[key]
+        assert "95%" in rows[key]["uncertainty"]
+    assert rows["On"]["n"].startswith("30 runs")  # the card's six methods: the two controls are left out
+    table = findings_table(list(rows.values()))
+    assert list(table.columns) == ["claim", "paper", "this_run", "verdict", "profile", "n", "uncertainty"]
+
+
+def test_a_failing_table_fails_every_claim():
+    table = _table(FAILING, iou=lambda auc, seed: 0.9 - 0.5 * auc + 0.003 * seed)
+    rows = _verdicts(table, _severity(baseline=lambda p: 0.5 + 0.2 * p, helper=lambda p: 0.5 + 0.2 * p))
+    assert {k: r["verdict"] for k, r in rows.items()} == {**{k: "not reproduced" for k in KEYS}, "No": "not tested"}
+
+
+def test_gradmask_at_chance_is_not_a_partial_fix_and_as_good_as_actdiff_is_only_partly():
+    at_chance = _verdicts(_table({**PASSING, "gradmask": FAILING["gradmask"]}))["GradMask"]
+    assert at_chance["verdict"] == "not reproduced"
+    straddles = _verdicts(_table({**PASSING, "gradmask": ([0.40, 0.60, 0.55, 0.45, 0.62], 0.05)}))["GradMask"]
+    assert straddles["verdict"] == "inconclusive"
+    full = _verdicts(_table({**PASSING, "gradmask": PASSING["actdiff"]}))["GradMask"]
+    assert full["verdict"] == "partly reproduced"
+
+
+@pytest.mark.parametrize("method, aucs, key", [
+    ("baseline", [0.05, 0.35, 0.10, 0.30, 0.20], "Baseline"),      # mean 0.2, interval across 0.2
+    ("masked", [0.80, 1.00, 0.85, 0.99, 0.90], "Masks"),           # interval across 0.9
+    ("adversarial", [0.70, 0.95, 0.72, 0.93, 0.80], "Adversarial"),  # across 0.8 (spread alone passes → partly)
+    ("rrr", [0.50, 0.62, 0.55, 0.65, 0.58], "RRR"),                # across 0.6
+    ("shuffle", [0.80, 1.00, 0.85, 0.99, 0.90], "Masked-shuffle"),
+])
+def test_an_interval_across_the_threshold_is_inconclusive(method, aucs, key):
+    row = _verdicts(_table({**PASSING, method: (aucs, PASSING[method][1])}))[key]
+    expected = "partly reproduced" if key == "Adversarial" else "inconclusive"
+    assert row["verdict"] == expected, row
+
+
+def test_a_recovery_that_only_beats_the_baseline_is_partly_reproduced():
+    row = _verdicts(_table({**PASSING, "masked": ([0.70, 0.72, 0.75, 0.71, 0.74], 0.1)}))["Masks"]
+    assert row["verdict"] == "partly reproduced"
+
+
+def test_correlation_rule_uses_the_six_methods_and_its_interval():
+    table = _table(PASSING)
+    corr = v.correlations(table)
+    six = corr[corr["setting"] == v.six_methods_setting(v.SYNTHETIC)]
+    assert (six["n"] == 30).all() and (six["card_pearson"] == [0.84, 0.95, 0.97]).all()
+    allruns = corr[corr["setting"].str.contains("incl. controls")]
+    assert (allruns["n"] == 40).all() and allruns["card_pearson"].isna().all()
+    # moderate positive links: all three intervals above 0.3 but not above 0.7 → partly
+    moderate = six.assign(pearson=0.6, pearson_low=0.35, pearson_high=0.8)
+    assert _verdicts(table, corr=moderate)["On"]["verdict"] == "partly reproduced"
+    straddle = six.assign(pearson=0.3, pearson_low=0.0, pearson_high=0.55)
+    assert _verdicts(table, corr=straddle)["On"]["verdict"] == "inconclusive"
+
+
+def test_severity_pooled_r_is_labelled_not_compared_with_the_cross_dataset_r():
+    table = _table(PASSING)
+    corr = v.correlations(table, severity_table=_severity())
+    pooled = corr[corr["setting"].str.startswith("pooled over p")]
+    assert len(pooled) == 1 and pooled["card_pearson"].isna().all()
+    assert "not comparable" in pooled["card_reference"].iloc[0] and "0.68" in pooled["card_reference"].iloc[0]
+
+
+def test_severity_rule_passes_partly_and_straddles():
+    table = _table(PASSING)
+    assert _verdicts(table, _severity(helper=lambda p: 1 - p))["How"]["verdict"] == "partly reproduced"  # no gain
+    noisy = _severity()
+    noisy.loc[noisy["method"] == "baseline", "test_auc"] = [1, 0.5, 0.0, 0, 0.5, 1, 1, 0.5, 0.1, 0.2, 0.4, 0.7,
+                                                           0.9, 0.5, 0.2]
+    slopes = v.severity_slopes(noisy)
+    assert len(slopes) == 5
+    assert _verdicts(table, noisy)["How"]["verdict"] == "inconclusive"
+
+
+def test_findings_helpers_reject_bad_input():
+    table = _table(PASSING)
+    with pytest.raises(ValueError, match="no runs of method"):
+        v.seed_interval(table, "magic")
+    with pytest.raises(ValueError, match="share no seed"):
+        v.paired_interval(table.assign(seed=table["seed"] + 10 * (table["method"] == "masked")), "masked", "baseline")
+    with pytest.raises(ValueError, match=">= 3 common seeds"):
+        v.std_gap_interval(table[table["seed"] < 2], "adversarial", "actdiff")
+    with pytest.raises(ValueError, match="two flip probabilities"):
+        v.severity_slopes(_severity().query("flip_prob == 0"))
+    with pytest.raises(ValueError, match="needs columns"):
+        v.severity_slopes(pd.DataFrame({"method": ["baseline"]}))
+    with pytest.raises(ValueError, match="interval verdicts"):
+        v.two_level_verdict("partly reproduced", "reproduced")
+    with pytest.raises(ValueError, match="interval verdicts"):
+        v.both_parts_verdict("maybe", "reproduced")
+    with pytest.raises(ValueError, match="one or more"):
+        v.weakest_verdict()
+    with pytest.raises(ValueError, match="non-negative"):
+        v.map_distractor_share(np.ones((5, 5)))
+
+
+def test_verdict_combinators():
+    assert v.two_level_verdict("not reproduced", "reproduced") == "partly reproduced"
+    assert v.two_level_verdict("inconclusive", "reproduced") == "inconclusive"
+    assert v.two_level_verdict("not reproduced", "inconclusive") == "inconclusive"
+    assert v.both_parts_verdict("reproduced", "not reproduced") == "partly reproduced"
+    assert v.both_parts_verdict("inconclusive", "not reproduced") == "inconclusive"
+    assert v.weakest_verdict("reproduced", "inconclusive", "partly reproduced") == "inconclusive"
+    share = np.zeros((28, 28))
+    share[23:25, 3:6] = 1.0
+    assert v.map_distractor_share(share) == 1.0
+
+
+def test_paired_interval_is_ttest_rel_and_std_gap_is_paired_bootstrap():
+    from scipy import stats
+    table = _table(PASSING)
+    mean, low, high, n = v.paired_interval(table, "gradmask", "baseline")
+    ci = stats.ttest_rel(PASSING["gradmask"][0], PASSING["baseline"][0]).confidence_interval()
+    assert n == 5 and (low, high) == pytest.approx((ci.low, ci.high))
+    gap, g_low, g_high, _ = v.std_gap_interval(table, "adversarial", "actdiff")
+    assert g_low <= gap <= g_high and gap > 0
 
 
 # ------------------------------------------------------------------------------ X-ray path
