@@ -971,6 +971,7 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
         estimate, low, high = bootstrap_images(tau_stat, n, n_resamples=n_boot, level=level, seed=seed)
         _, basic_low, basic_high = bootstrap_images(lambda i: tau_stat(i)[1:3], n, method="basic",
                                                     n_resamples=n_boot, level=level, seed=seed)
+        basic_low, basic_high = np.clip(basic_low, -1, 1), np.clip(basic_high, -1, 1)  # τ's range
         add(arch, "mean_tau", (estimate[0], low[0], high[0]), n, "images", "percentile bootstrap")
         add(arch, "min_tau", (estimate[1], basic_low[0], basic_high[0]), n, "images", "basic bootstrap")
         add(arch, "min_tau_baseline", (estimate[2], basic_low[1], basic_high[1]), n, "images", "basic bootstrap")
@@ -1425,8 +1426,13 @@ def _reference(t: dict) -> dict:
     pg = ranks.xs("pointing_game", level="metric")[REFERENCE]
     deletion = ranks.xs("deletion_zero_pixel", level="metric")[REFERENCE]
     verdicts = _judge(intervals, "gt_pg_margin", 0.1, True)
+    best = ""
+    if "means" in t:
+        hits = t["means"].xs("pointing_game", level="metric").drop(columns=REFERENCE)
+        best = " (best other map: " + "; ".join(f"{_arch_label(a)} {_label(row.idxmax())} {row.max():.0%} of images"
+                                                 for a, row in hits.iterrows()) + ")"
     this_run = (f"GT-box pointing-game hit rate minus the best other map's, per image: "
-                f"{_text(intervals, 'gt_pg_margin', '{:+.2f}')}; GT-box rank on the pointing game: "
+                f"{_text(intervals, 'gt_pg_margin', '{:+.2f}')}{best}; GT-box rank on the pointing game: "
                 f"{_per_arch(pg.to_dict(), '{:.0f}')}; on Del (zero, pixel): {_per_arch(deletion.to_dict(), '{:.0f}')} "
                 "(1 = best; descriptive)")
     return _row("The GT-box map wins the pointing game but need not win deletion [card §3, unverified]",
