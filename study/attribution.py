@@ -616,9 +616,19 @@ def explain(model: nn.Module | None, images: torch.Tensor, targets, method: str,
         model = None
     else:
         _require_model(model, method)
+    if model is not None:
+        parameter = next(iter(model.parameters()), None)
+        if parameter is not None and parameter.is_floating_point() and images.dtype != parameter.dtype:
+            images = images.to(parameter.dtype)  # e.g. float64 images on a float32 model, as the metrics do
     with _frozen_eval(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*Setting (forward, )?backward hooks", category=UserWarning)
         targets = _as_targets(targets, model, images)
+        if model is not None and targets is not None:
+            with torch.no_grad():
+                output = model(images[:1])
+            if output.ndim == 2 and int(targets.max()) >= output.shape[1]:
+                raise ValueError(f"targets must be class indices below the model's {output.shape[1]} outputs, "
+                                 f"got {int(targets.max())}")
         if model is not None:
             images = images.requires_grad_(True)  # a detached copy; saves captum's "did not require grad" warning
         maps = function(model, images, targets, **options)

@@ -970,6 +970,8 @@ def standardise(images, mean, std):
     if not np.all(std > 0) or not np.all(np.isfinite(mean)):
         raise ValueError(f"std must be > 0 and mean finite, got mean {mean}, std {std}")
     if isinstance(images, torch.Tensor):
+        if not images.is_floating_point():  # e.g. torchvision.io.read_image's uint8: cast, never round mean/std
+            images = images.to(torch.float32)
         as_tensor = lambda v: torch.as_tensor(v, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)  # noqa: E731
         return (images - as_tensor(mean)) / as_tensor(std)
     dtype = images.dtype if np.issubdtype(images.dtype, np.floating) else np.float32

@@ -328,3 +328,14 @@ def test_bad_inputs_raise_value_error(batch):
         with pytest.raises(ValueError):
             call()
             pytest.fail(f"no ValueError for {label}")
+
+
+def test_explain_rejects_targets_beyond_the_models_classes_and_casts_float64_images():
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=3, num_classes=4, width=4, image_size=16).eval()
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="below the model's 4 outputs, got 99"):
+        A.explain(model, images, 99, "gradient")
+    as_float64 = A.explain(model, images.double(), 1, "gradient")
+    assert as_float64.dtype == torch.float32
+    assert torch.allclose(as_float64, A.explain(model, images, 1, "gradient"), atol=1e-6)

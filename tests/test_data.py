@@ -536,3 +536,12 @@ def test_shapes_helper_is_cached_make_shapes(tmp_path, monkeypatch):
     assert_same_arrays(first, second)
     monkeypatch.undo()
     assert_same_arrays(second, data.make_shapes(5, 0, "synth_voc_64", image_size=32))
+
+
+def test_standardise_casts_integer_images_instead_of_rounding_mean_and_std():
+    import torch
+
+    from study import data as D
+    images = torch.full((2, 3, 4, 4), 200, dtype=torch.uint8)  # what torchvision.io.read_image returns
+    out = D.standardise(images, [100.0, 100.0, 100.0], [50.0, 50.0, 50.0])
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))

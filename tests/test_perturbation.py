@@ -416,3 +416,28 @@ def test_bad_metric_inputs_raise(cnn):
         P.auc(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="same shape"):
         P.abpc(torch.ones(2, 3), torch.ones(2, 4))
+
+
+class _ViewFlattenNet(nn.Module):
+    """A model written the common way: conv, then `.view` to flatten (fails on channels_last inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.head(y.view(y.shape[0], -1))
+
+
+def test_auto_channels_last_falls_back_for_models_that_flatten_with_view():
+    torch.manual_seed(0)
+    model = _ViewFlattenNet().eval()
+    images = torch.rand(3, 3, 8, 8)
+    maps = torch.rand(3, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="view"):  # the failure the auto default must avoid
+        P.aopc_morf(model, images, maps, torch.tensor([0, 1, 2]), steps=4, channels_last=True)
+    auto = P.aopc_morf(model, images, maps, torch.tensor([0, 1, 2]), steps=4)
+    plain = P.aopc_morf(model, images, maps, torch.tensor([0, 1, 2]), steps=4, channels_last=False)
+    assert torch.equal(auto, plain)
