@@ -51,7 +51,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "steps": 8, "ig_steps": 4, "smoothgrad_samples": 4,
                         "replacements": ["dataset_mean", "uniform", "zero", "blur"], "granularities": ["pixel", "patch"],
                         "outputs": ["prob", "logit"], "score": "prob", "abs_map": False,
-                        "signs": ["signed", "abs"], "full_grid": False, "n_boot": 20, "batch_size": 512},
+                        "signs": ["signed", "abs"], "full_grid": False, "alpha_ci": True, "batch_size": 512},
     },
     "quick": {
         "vandersmissen2024": {"n_train": 1500, "n_test": 300, "epochs": 8, "n_images": 24, "steps": 16, "ig_steps": 50,
@@ -84,7 +84,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "smoothgrad_samples": 25,
                         "replacements": ["dataset_mean", "uniform", "zero", "blur"], "granularities": ["pixel", "patch"],
                         "outputs": ["prob", "logit"], "score": "prob", "abs_map": False,
-                        "signs": ["signed"], "full_grid": False, "n_boot": 200, "batch_size": 512},
+                        "signs": ["signed"], "full_grid": False, "alpha_ci": True, "batch_size": 512},
     },
     "paper": {
         "vandersmissen2024": {"n_train": 3000, "n_test": 500, "epochs": 12, "n_images": 300, "steps": 100, "ig_steps": 50,
@@ -121,7 +121,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "smoothgrad_samples": 25,
                         "replacements": ["dataset_mean", "uniform", "zero", "blur"], "granularities": ["pixel", "patch"],
                         "outputs": ["prob", "logit"], "score": "prob", "abs_map": False,
-                        "signs": ["signed", "abs"], "full_grid": True, "n_boot": 1000, "batch_size": 1024},
+                        "signs": ["signed", "abs"], "full_grid": True, "alpha_ci": True, "batch_size": 1024},
     },
 }
 

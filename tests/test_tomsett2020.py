@@ -12,7 +12,7 @@ from torch import nn
 
 from study import config, metrics
 from study.experiments import tomsett2020 as t
-from study.findings import VERDICTS
+from study.findings import VERDICTS, findings_table
 
 VARIANTS = [t.Variant("dataset_mean", "pixel", "prob"), t.Variant("uniform", "pixel", "prob"),
             t.Variant("uniform", "patch", "logit"), t.Variant("blur", "pixel", "prob", "abs")]
@@ -126,12 +126,13 @@ def test_synth_cifar_path_is_rgb_32(cache_dir):
 
 # ----------------------------------------------------------------------------- the long table
 
-def test_long_table_has_every_row_and_no_nan(run):
+def test_long_table_has_every_row_and_nan_only_where_faithfulness_is_undefined(run):
     scores = run["scores"]
     assert len(scores) == 6 * len(t.METHODS) * len(t.METRICS) * len(VARIANTS)
     assert set(scores["method"]) == set(t.METHODS) and set(scores["metric"]) == set(t.METRICS)
     assert list(dict.fromkeys(scores["variant"])) == [v.label for v in VARIANTS]
-    assert not scores["score"].isna().any()
+    assert scores["score"].isna().equals(scores["undefined"].astype(bool))
+    assert not scores[scores["metric"] != "faithfulness"]["score"].isna().any()
     assert scores.groupby(["variant", "method", "metric"]).size().eq(6).all()
     curves = run["curves"]
     assert len(curves) == len(VARIANTS) * len(t.METHODS) * 2 * (run["geo"].steps + 1)
@@ -159,7 +160,7 @@ def test_shared_drops_give_the_engines_faithfulness(run, variant):
         engine = metrics.faithfulness(model, sel["images"], saliency, sel["predicted"], patch=patch, replacement=value,
                                       output=variant.output, on_constant="nan")
         ours = table[table["method"] == method].sort_values("image")["score"].to_numpy()
-        assert np.allclose(ours, torch.nan_to_num(engine, nan=0.0).numpy(), atol=1e-5), method
+        assert np.allclose(ours, engine.numpy(), atol=1e-5, equal_nan=True), method
 
 
 def test_single_feature_copies_differ_in_one_feature_linear_oracle():
@@ -197,7 +198,7 @@ def test_score_table_is_deterministic_and_cached(run, cache_dir):
 # ----------------------------------------------------------------------------- analyses
 
 def test_alpha_equals_krippendorff_on_ranks_recomputed_from_the_table(run):
-    alphas = t.alpha_table(run["scores"], n_boot=10, seed=0)
+    alphas = t.alpha_table(run["scores"], ci=True)
     assert len(alphas) == len(t.METRICS) * len(VARIANTS) * 2
     for row in alphas.itertuples():
         part = run["scores"][(run["scores"]["metric"] == row.metric) & (run["scores"]["variant"] == row.variant)]
@@ -205,11 +206,12 @@ def test_alpha_equals_krippendorff_on_ranks_recomputed_from_the_table(run):
         if row.methods == t.WITHOUT_RANDOM:
             matrix = matrix.drop(columns="random")
         sign = 1 if t.HIGHER_IS_BETTER[row.metric] else -1
-        ranks = stats.rankdata(sign * matrix.to_numpy(), axis=1)
+        matrix = matrix[matrix.notna().sum(axis=1) >= 2]
+        ranks = stats.rankdata(sign * matrix.to_numpy(), axis=1, nan_policy="omit")
         expected = krippendorff.alpha(reliability_data=ranks, level_of_measurement="ordinal")
         assert row.alpha == pytest.approx(expected, abs=1e-12)
         assert row.n_methods == (len(t.METHODS) - (row.methods == t.WITHOUT_RANDOM))
-        assert row.low <= row.high
+        assert row.low <= row.high and row.n_images == len(matrix)
 
 
 def test_rankings_are_permutations_and_ranks_follow_the_aligned_means(run):
@@ -219,7 +221,8 @@ def test_rankings_are_permutations_and_ranks_follow_the_aligned_means(run):
         best = part.sort_values("mean", ascending=not t.HIGHER_IS_BETTER[metric]).iloc[0]
         assert best["rank"] == 1
     ranks = t.per_image_ranks(run["scores"])
-    assert ranks.groupby(["variant", "metric", "image"])["rank"].sum().eq(sum(range(1, len(t.METHODS) + 1))).all()
+    defined = ranks.dropna(subset=["score"]).groupby(["variant", "metric", "image"])["rank"]
+    assert (defined.sum() == defined.count() * (defined.count() + 1) / 2).all()
 
 
 def test_correlation_tables_are_symmetric_aligned_and_per_pair(run):
@@ -251,10 +254,15 @@ def test_replacement_sensitivity_compares_like_with_like():
 
 
 def test_findings_and_card_comparisons_are_computed(run):
-    results = t.analyse(run["scores"], VARIANTS, n_boot=10, seed=0)
+    results = t.analyse(run["scores"], VARIANTS, alpha_ci=True, seed=0)
     rows = t.findings(results)
     assert len(rows) == 8 and {r["paper"] for r in rows} == {"n/a"}
     assert all(r["verdict"] in VERDICTS and "[rule:" in r["this_run"] for r in rows)
+    assert all(r["n"] == "6 images, one trained model (seed 0)" for r in rows)
+    assert all("CI" in r["uncertainty"] for r in rows)
+    table = findings_table(rows, profile="smoke")
+    assert list(table["n"]) == [r["n"] for r in rows]
+    assert results["inter_method_ci"]["n_methods"].eq(6).all()  # the card's six methods
     alpha = t.pilot_alpha_comparison(run["scores"], VARIANTS)
     assert len(alpha) == 8 and set(alpha["paper"]) == {"n/a"} and set(alpha["replacement"]) == {"mean", "uniform"}
     chosen = (alpha["metric"] == "Faithfulness") & (alpha["replacement"] == "uniform")
@@ -262,3 +270,250 @@ def test_findings_and_card_comparisons_are_computed(run):
     numbers = t.pilot_numbers_comparison(results, VARIANTS, 0.9, 6)
     assert set(numbers["paper"]) == {"n/a"} and numbers.loc[1, "this run"] == "6"
     assert list(t.quirk_choices(run["s"], run["geo"])["quirk"][:10]) == [f"Q{i}" for i in range(1, 11)]
+
+
+# ----------------------------------------------------------------------------- undefined faithfulness is missing, not 0
+
+def _long(scores: dict, labels=None, variant="mean·pixel·prob", replacement="dataset_mean") -> pd.DataFrame:
+    """A long score table from {(metric, method): per-image scores}."""
+    rows = []
+    for (metric, method), values in scores.items():
+        n = len(values)
+        rows.append(pd.DataFrame({"image": range(n), "label": labels if labels is not None else np.arange(n) % 3,
+                                  "method": method, "metric": metric, "variant": variant, "replacement": replacement,
+                                  "granularity": "pixel", "output": "prob", "sign": "signed",
+                                  "score": np.asarray(values, dtype=float)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_constant_model_gives_nan_faithfulness_not_zero():
+    """A model whose output ignores the input: every single-feature drop is 0, faithfulness is undefined."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    images, targets = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    maps = {"gradient": torch.rand(3, 1, 8, 8), "random": torch.rand(3, 1, 8, 8)}
+    scores, _ = t.score_table(model, images, targets, [0, 1, 2], maps, [t.Variant("dataset_mean", "pixel", "prob")],
+                              t.geometry(8, 8), dataset_mean=[0.3], seed=0, progress=False)
+    faith = scores[scores["metric"] == "faithfulness"]
+    assert faith["score"].isna().all() and faith["undefined"].all() and len(faith) == 6
+    assert not scores[scores["metric"] != "faithfulness"]["score"].isna().any()
+
+
+def test_nan_scores_are_left_out_of_means_ranks_alpha_and_correlations():
+    rng = np.random.default_rng(0)
+    base = {m: rng.normal(size=12) + shift for m, shift in (("random", 0.0), ("gradient", 1.0), ("smoothgrad", 2.0))}
+    with_nan = {k: v.copy() for k, v in base.items()}
+    for values in with_nan.values():
+        values[0] = np.nan  # image 0 undefined for every method (constant drops)
+    with_nan["gradient"][5] = np.nan  # image 5 undefined for one method (constant map)
+    table = _long({("faithfulness", m): v for m, v in with_nan.items()})
+    summary = t.method_summary(table).set_index("method")
+    assert summary.loc["gradient", "mean"] == pytest.approx(np.nanmean(with_nan["gradient"]))
+    assert summary.loc["random", "mean"] == pytest.approx(base["random"][1:].mean())  # not (0 + ...) / 12
+    zero_filled = t.method_summary(table.fillna(0.0)).set_index("method")
+    assert zero_filled.loc["random", "mean"] != pytest.approx(summary.loc["random", "mean"])
+    ranks = t.per_image_ranks(table)
+    assert ranks[ranks["image"] == 0]["rank"].isna().all()
+    assert sorted(ranks[(ranks["image"] == 5)]["rank"].dropna()) == [1.0, 2.0]
+    # α: image 0 dropped (no defined score), image 5 ranks its two defined methods
+    alpha = t.alpha_table(table, {"all": ["random", "gradient", "smoothgrad"]}, ci=True).iloc[0]
+    matrix = np.column_stack([with_nan[m] for m in ("random", "gradient", "smoothgrad")])[1:]
+    ranks_expected = stats.rankdata(matrix, axis=1, nan_policy="omit")
+    assert alpha["n_images"] == 11
+    assert alpha["alpha"] == pytest.approx(krippendorff.alpha(reliability_data=ranks_expected,
+                                                              level_of_measurement="ordinal"))
+    assert alpha["low"] <= alpha["high"]
+    # correlations use the pairwise-complete images only
+    every_metric = pd.concat([table.assign(metric=m) for m in t.METRICS])
+    rho = t.inter_method_matrices(every_metric, ["mean·pixel·prob"])[("mean·pixel·prob", "faithfulness")]
+    keep = ~np.isnan(with_nan["gradient"]) & ~np.isnan(with_nan["random"])
+    expected = stats.spearmanr(with_nan["gradient"][keep], with_nan["random"][keep]).statistic
+    assert rho.loc["gradient", "random"] == pytest.approx(expected)
+    rho_ci = t.spearman_ci(with_nan["gradient"], with_nan["random"])
+    assert rho_ci[0] == pytest.approx(expected) and rho_ci[3] == keep.sum() and rho_ci[1] < rho_ci[0] < rho_ci[2]
+
+
+def test_spearman_ci_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        t.spearman_ci([1.0, 2.0, 3.0], [1.0, 2.0])
+    assert np.isnan(t.spearman_ci([1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0])[0])  # constant: undefined
+
+
+# ----------------------------------------------------------------------------- the statistics behind the rules
+
+def test_class_effect_is_kruskal_epsilon_squared():
+    rng = np.random.default_rng(0)
+    scores, labels = np.round(rng.normal(size=60), 1), rng.integers(0, 5, 60)
+    scores[3] = np.nan
+    keep = np.isfinite(scores)
+    h = stats.kruskal(*[scores[keep][labels[keep] == c] for c in range(5)]).statistic
+    assert t.class_effect(scores, labels) == pytest.approx(h / (keep.sum() - 1))
+    assert np.isnan(t.class_effect(np.ones(10), np.arange(10) % 2))
+
+
+def test_class_dependence_is_measured_against_the_random_map():
+    """A method whose score follows the class beats Random; one as class-dependent as Random does not."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 16)
+    image_effect = labels * 1.0 + rng.normal(size=80)  # the image (class) drives every map's score a little
+    random = image_effect + rng.normal(size=80)
+    table = _long({("aopc_morf", "random"): random,
+                   ("aopc_morf", "gradient"): labels * 3.0 + rng.normal(size=80),
+                   ("aopc_morf", "smoothgrad"): 2 * random + 1}, labels=labels)  # Random's ranks: same class effect
+    classes = t.class_dependence(table, "mean·pixel·prob").set_index("method")
+    assert classes.loc["gradient", "excess_low"] > 0
+    assert classes.loc["smoothgrad", "excess"] == pytest.approx(0, abs=1e-12)
+    assert not classes.loc["smoothgrad", "excess_low"] > 0  # no class dependence beyond Random's
+    assert np.isnan(classes.loc["random", "excess"])
+    assert classes.loc["gradient", "p_value"] < 0.05 and classes.loc["random", "p_value"] < 0.05
+
+
+def test_random_vs_real_uses_paired_bonferroni_intervals():
+    rng = np.random.default_rng(2)
+    table = _long({("aopc_morf", "random"): rng.normal(size=40) + 1.0,
+                   ("aopc_morf", "gradient"): rng.normal(size=40),
+                   ("aopc_morf", "smoothgrad"): rng.normal(size=40) + 3.0})
+    cells = t.random_vs_real(table, ["gradient", "smoothgrad"]).set_index("method")
+    assert cells.loc["gradient", "low"] > 0 and cells.loc["smoothgrad", "high"] < 0
+    assert cells["level"].eq(0.975).all()
+    pair = stats.ttest_rel(table[table["method"] == "random"]["score"].to_numpy(),
+                           table[table["method"] == "gradient"]["score"].to_numpy())
+    ci = pair.confidence_interval(confidence_level=0.975)
+    assert (cells.loc["gradient", "low"], cells.loc["gradient", "high"]) == pytest.approx((ci.low, ci.high))
+
+
+def test_inter_method_ci_and_ranking_shift_on_an_image_driven_metric():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=50)
+    scores = {}
+    for variant in ("mean·pixel·prob", "uniform·pixel·prob"):
+        for k, method in enumerate(("random", "gradient", "smoothgrad")):
+            scores[variant, "aopc_morf", method] = image + 0.1 * rng.normal(size=50) + k
+            scores[variant, "faithfulness", method] = rng.normal(size=50)
+    table = pd.concat([_long({(metric, method): v}, variant=variant) for (variant, metric, method), v in scores.items()])
+    cells = t.inter_method_ci(table, {"mean": "mean·pixel·prob", "uniform": "uniform·pixel·prob"},
+                              ["random", "gradient", "smoothgrad"])
+    assert (cells["low"] > 0.5).all() and len(cells) == 4
+    assert t.rule_inter_method(cells, "50 images")["verdict"] == "reproduced"
+    full = pd.concat([table.assign(metric=m) for m in t.METRICS if m != "faithfulness"] + [table])
+    full = full.drop_duplicates(["variant", "metric", "method", "image"])
+    shift = t.ranking_shift(full, "mean·pixel·prob", "uniform·pixel·prob", n_resamples=200).set_index("metric")
+    assert shift.loc["aopc_morf", "rho"] == pytest.approx(1.0) and shift.loc["aopc_morf", "low"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- the verdict rules
+
+def _frame(**columns):
+    return pd.DataFrame(columns)
+
+
+# each rule with a passing, a failing and a straddling input: (rule, passing, failing, straddling)
+def _cells(low, high, **extra):
+    n = len(low)
+    return pd.DataFrame({"metric": [t.METRICS[i % 4] for i in range(n)], "variant": [f"v{i}" for i in range(n)],
+                         "method": "gradient", "rho": (np.asarray(low) + np.asarray(high)) / 2, "low": low,
+                         "high": high, **extra})
+
+
+RULE_CASES = {
+    # ranking ρ < 0.8 for >= 2 of 4 metrics
+    "ranking": (t.rule_ranking_shift,
+                _cells([0.1, 0.2, 0.9, 0.9], [0.5, 0.6, 0.95, 0.95]),
+                _cells([0.85, 0.9, 0.9, 0.7], [0.95, 0.95, 0.95, 0.9]),
+                _cells([0.1, 0.7, 0.9, 0.9], [0.5, 0.9, 0.95, 0.95])),
+    # α CI below 0.667 in more than half of the cells
+    "alpha": (t.rule_low_alpha,
+              _cells([0.2, 0.3, 0.4, 0.7], [0.5, 0.6, 0.6, 0.9]).assign(alpha=0.5),
+              _cells([0.7, 0.8, 0.4, 0.7], [0.8, 0.9, 0.6, 0.9]).assign(alpha=0.8),
+              _cells([0.2, 0.6, 0.4, 0.7], [0.5, 0.7, 0.6, 0.9]).assign(alpha=0.6)),
+    # internal-consistency ρ CI below 0.5 in more than half of the cells
+    "consistency": (t.rule_inconsistent,
+                    _cells([0.0, 0.1, 0.2], [0.3, 0.4, 0.9]),
+                    _cells([0.6, 0.7, 0.2], [0.9, 0.9, 0.4]),
+                    _cells([0.0, 0.4, 0.6], [0.3, 0.6, 0.9])),
+    # class effect beyond Random: CI of the excess above 0 in more than half of the cells
+    "classes": (t.rule_class_dependence,
+                _cells([0.1, 0.2, -0.1], [0.3, 0.4, 0.1]).rename(columns={"low": "excess_low", "high": "excess_high",
+                                                                          "rho": "excess"}),
+                _cells([-0.3, -0.2, 0.1], [-0.1, -0.05, 0.2]).rename(columns={"low": "excess_low",
+                                                                              "high": "excess_high", "rho": "excess"}),
+                _cells([0.1, -0.1, -0.3], [0.3, 0.1, -0.1]).rename(columns={"low": "excess_low", "high": "excess_high",
+                                                                            "rho": "excess"})),
+    # |α mean − α uniform| beyond 0.1 for >= 2 metrics
+    "alpha_shift": (t.rule_alpha_shift,
+                    _cells([0.2, -0.5, 0.0, 0.0], [0.4, -0.2, 0.05, 0.05]).rename(columns={"rho": "diff"}),
+                    _cells([0.0, -0.05, 0.15, 0.0], [0.05, 0.05, 0.3, 0.05]).rename(columns={"rho": "diff"}),
+                    _cells([0.2, 0.0, 0.0, 0.0], [0.4, 0.2, 0.05, 0.05]).rename(columns={"rho": "diff"})),
+    # MoRF vs LeRF ρ CI inside (−0.5, 0.5) in more than half of the cells
+    "morf_lerf": (t.rule_morf_lerf,
+                  _cells([-0.2, -0.1, 0.6], [0.2, 0.3, 0.9]),
+                  _cells([0.6, -0.9, 0.0], [0.9, -0.6, 0.2]),
+                  _cells([-0.2, 0.3, 0.6], [0.2, 0.7, 0.9])),
+}
+
+
+def _random_cells(lows, highs):
+    """One real method per metric × variant cell (10 cells): rule needs >= 10% = 1 cell with CI > 0."""
+    return pd.DataFrame({"metric": "abpc", "variant": [f"v{i}" for i in range(len(lows))], "method": "gradient",
+                         "diff": (np.asarray(lows) + np.asarray(highs)) / 2, "low": lows, "high": highs})
+
+
+RULE_CASES["random"] = (t.rule_random_outranks,
+                        _random_cells([0.1] + [-0.5] * 9, [0.3] + [-0.1] * 9),
+                        _random_cells([-0.5] * 10, [-0.1] * 10),
+                        _random_cells([-0.1] + [-0.5] * 9, [0.2] + [-0.1] * 9))
+
+
+def _inter(values):
+    return pd.DataFrame({"replacement": ["mean", "mean", "uniform", "uniform"],
+                         "quantity": ["morf", "morf_minus_faithfulness"] * 2,
+                         "estimate": [(lo + hi) / 2 for lo, hi in values], "low": [v[0] for v in values],
+                         "high": [v[1] for v in values], "n_methods": 6})
+
+
+RULE_CASES["inter_method"] = (t.rule_inter_method,
+                              _inter([(0.55, 0.7), (0.1, 0.3), (0.6, 0.8), (0.05, 0.2)]),
+                              _inter([(0.2, 0.4), (-0.2, -0.1), (0.1, 0.45), (-0.3, -0.05)]),
+                              _inter([(0.45, 0.7), (0.1, 0.3), (0.6, 0.8), (0.05, 0.2)]))
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_rule_verdict_follows_the_interval(name):
+    rule, passing, failing, straddling = RULE_CASES[name]
+    results = [rule(frame, "10 images") for frame in (passing, failing, straddling)]
+    assert [r["verdict"] for r in results] == ["reproduced", "not reproduced", "inconclusive"]
+    for r in results:
+        assert r["claim"] == t.CLAIMS[name] and r["n"] == "10 images" and "[rule:" in r["this_run"]
+        assert r["uncertainty"] and r["paper"] == "n/a"
+    findings_table(results)  # valid rows
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_rule_rejects_bad_input(name):
+    rule, passing, *_ = RULE_CASES[name]
+    with pytest.raises(ValueError, match="non-empty DataFrame"):
+        rule(passing.iloc[:0], "10 images")
+    with pytest.raises(ValueError, match="lacks columns"):
+        rule(passing.drop(columns=[c for c in ("low", "excess_low") if c in passing]), "10 images")
+
+
+def test_inter_method_rule_is_partly_reproduced_when_one_part_fails():
+    mixed = _inter([(0.55, 0.7), (0.1, 0.3), (0.2, 0.4), (0.05, 0.2)])
+    assert t.rule_inter_method(mixed, "n")["verdict"] == "partly reproduced"
+    with pytest.raises(ValueError, match="unknown quantities"):
+        t.rule_inter_method(mixed.assign(quantity="abpc"), "n")
+
+
+def test_count_verdict_and_all_of():
+    assert t.count_verdict(3, 5, 3) == "reproduced"
+    assert t.count_verdict(1, 2, 3) == "not reproduced"
+    assert t.count_verdict(2, 3, 3) == "inconclusive"
+    assert t.all_of(["reproduced", "inconclusive"]) == "inconclusive"
+    assert t.all_of(["not reproduced", "inconclusive"]) == "not reproduced"
+    with pytest.raises(ValueError, match="certain <= possible"):
+        t.count_verdict(3, 2, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        t.all_of([])
+    with pytest.raises(ValueError, match="share"):
+        t.rule_random_outranks(RULE_CASES["random"][1], "n", share=0)

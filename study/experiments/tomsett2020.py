@@ -8,7 +8,7 @@ The protocol card is ../shared/papers/tomsett2020.md. The story of the notebook:
 3. the expensive step, every metric × implementation variant × method score per image, in one
    long table (`score_table`, cached on disk by `cached_score_table`);
 4. analyses that are pandas group-bys of that table: mean scores and rankings, Krippendorff's α
-   with bootstrap CIs, inter-method and internal-consistency matrices, replacement sensitivity,
+   with leave-one-image-out jackknife CIs, inter-method and internal-consistency matrices, replacement sensitivity,
    class dependence;
 5. figures, the comparison with the card's pilot numbers, and the findings with computed verdicts.
 
@@ -37,13 +37,13 @@ from torch import nn
 from tqdm import tqdm
 
 from study import attribution, config, data, metrics, plots, train
-from study.findings import verdict as _verdict
+from study.findings import interval_verdict
 from study.models import MiniVGG, SmallCNN
 
 SECTION = "tomsett2020"
 NOTEBOOK = "01_sanity_checks_for_saliency_metrics"
 DATASETS = ("digits", "synth_cifar", "cifar10")
-SCORE_CACHE_VERSION = 1
+SCORE_CACHE_VERSION = 2  # 2: an undefined faithfulness value is stored as NaN (was 0)
 
 METRICS = ("aopc_morf", "aopc_lerf", "abpc", "faithfulness")
 METRIC_LABELS = {"aopc_morf": "AOPC-MoRF", "aopc_lerf": "AOPC-LeRF", "abpc": "ABPC", "faithfulness": "Faithfulness"}
@@ -380,7 +380,8 @@ def score_table(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, l
     Per variant: one replacement tensor (the uniform noise image of image i is the same for every
     method and metric, card §7.10), the single-feature scores for faithfulness (map-independent),
     then per method one batched MoRF and one LeRF curve over all images. A faithfulness value that
-    is undefined (constant drops) is stored as 0 (no evidence of faithfulness); `undefined` counts them.
+    is undefined (constant relevance or constant drops) is stored as NaN, i.e. missing, and flagged
+    in `undefined`; every analysis leaves it out (storing 0 would tie every method on that image).
     """
     model = model.eval()
     labels = np.asarray(labels)
@@ -402,7 +403,7 @@ def score_table(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, l
             lerf = metrics.perturbation_curve(model, images, saliency, targets, order="lerf", **curve_options)
             faith = faithfulness_from_scores(saliency, single, faith_patch)
             values = {"aopc_morf": metrics.aopc(morf), "aopc_lerf": metrics.aopc(lerf),
-                      "abpc": metrics.abpc(lerf, morf), "faithfulness": torch.nan_to_num(faith, nan=0.0)}
+                      "abpc": metrics.abpc(lerf, morf), "faithfulness": faith}
             for metric, scores in values.items():
                 rows.append(pd.DataFrame({
                     "image": np.arange(n), "label": labels, "method": method, "metric": metric,
@@ -469,16 +470,19 @@ def score_matrix(table: pd.DataFrame, metric: str, variant: str, methods=None) -
 
 
 def method_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean (and s.e.m.) score per (variant, metric, method) and the rank by mean, 1 = best after sign alignment;
-    exact ties (e.g. ε-LRP and Input×Gradient, identical on a ReLU network) are broken by the method order."""
+    """Mean (and s.e.m.) score per (variant, metric, method) over the images where it is defined (NaN
+    left out) and the rank by mean, 1 = best after sign alignment; exact ties (e.g. ε-LRP and Input×Gradient, identical on a ReLU network) are broken by the method order."""
     grouped = with_aligned(table).groupby(["variant", "metric", "method"], sort=False)
     summary = grouped.agg(mean=("score", "mean"), sem=("score", "sem"), aligned=("aligned", "mean")).reset_index()
-    summary["rank"] = summary.groupby(["variant", "metric"])["aligned"].rank(ascending=False, method="first").astype(int)
+    # NaN (undefined) scores are left out of the means; a method with no defined score ranks last
+    summary["rank"] = summary.groupby(["variant", "metric"])["aligned"].rank(
+        ascending=False, method="first", na_option="bottom").astype(int)
     return summary.drop(columns="aligned")
 
 
 def per_image_ranks(table: pd.DataFrame) -> pd.DataFrame:
-    """Rank of each method within each image (1 = best after sign alignment, ties averaged)."""
+    """Rank of each method within each image (1 = best after sign alignment, ties averaged; an undefined
+    (NaN) score has no rank and the others are ranked among themselves)."""
     aligned = with_aligned(table)
     ranks = aligned.groupby(["variant", "metric", "image"])["aligned"].rank(ascending=False, method="average")
     return aligned.assign(rank=ranks)
@@ -486,30 +490,38 @@ def per_image_ranks(table: pd.DataFrame) -> pd.DataFrame:
 
 def _alpha(matrix: np.ndarray, higher_is_better: bool) -> float:
     try:
-        return metrics.krippendorff_alpha(matrix, level="ordinal", higher_is_better=higher_is_better)
+        return metrics.krippendorff_alpha(matrix, level="ordinal", higher_is_better=higher_is_better, missing="omit")
     except ValueError:
         return float("nan")
 
 
-def alpha_table(table: pd.DataFrame, method_sets: dict[str, list[str]] | None = None, n_boot: int = 200,
-                seed: int = 0) -> pd.DataFrame:
+def _rated(matrix: np.ndarray) -> np.ndarray:
+    """The images (rows) with at least two defined scores: the only ones α can use."""
+    return matrix[(~np.isnan(matrix)).sum(axis=1) >= 2]
+
+
+def alpha_table(table: pd.DataFrame, method_sets: dict[str, list[str]] | None = None, ci: bool = True) -> pd.DataFrame:
     """Krippendorff's α (ordinal; raters = images, units = methods, values = within-image ranks) per
-    metric × variant × method set, with a percentile bootstrap CI over images (n_boot = 0: none)."""
+    metric × variant × method set, with a leave-one-image-out jackknife 95% t CI (`ci=False`: none).
+    An undefined (NaN) score is a missing value: the image ranks its other methods, and an image
+    with fewer than two defined scores is left out (`n_images` counts the images used). The
+    jackknife replaces the earlier percentile bootstrap, which resampled images with replacement:
+    a duplicated image is a rater agreeing perfectly with itself, which biased α's interval upwards."""
     methods = sorted(table["method"].unique(), key=lambda m: METHODS.index(m) if m in METHODS else 99)
     if method_sets is None:
         method_sets = {ALL_METHODS: methods, WITHOUT_RANDOM: [m for m in methods if m != "random"]}
     rows = []
     for (metric, variant), part in table.groupby(["metric", "variant"], sort=False):
         for set_name, chosen in method_sets.items():
-            matrix = score_matrix(part, metric, variant, chosen).to_numpy()
+            matrix = _rated(score_matrix(part, metric, variant, chosen).to_numpy())
             up = HIGHER_IS_BETTER[metric]
             row = {"metric": metric, "variant": variant, "methods": set_name, "n_methods": matrix.shape[1],
                    "n_images": matrix.shape[0], "alpha": _alpha(matrix, up), "low": np.nan, "high": np.nan}
-            if n_boot and np.isfinite(row["alpha"]):
+            if ci and np.isfinite(row["alpha"]) and matrix.shape[0] >= 3:
                 try:
-                    ci = metrics.bootstrap_ci(lambda m: metrics.krippendorff_alpha(m, higher_is_better=up), matrix,
-                                              n_boot=n_boot, seed=seed)
-                    row.update(low=ci.low, high=ci.high)
+                    interval = metrics.jackknife_ci(
+                        lambda m: metrics.krippendorff_alpha(m, higher_is_better=up, missing="omit"), matrix)
+                    row.update(low=interval.low, high=interval.high)
                 except ValueError:
                     pass
             rows.append(row)
@@ -543,15 +555,34 @@ def inter_method_summary(table: pd.DataFrame, exclude=()) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def spearman_ci(x, y, level: float = 0.95) -> tuple[float, float, float, int]:
+    """Spearman ρ of the images where both are defined (NaN pairs left out), its Fisher-z CI (Pearson
+    r of the ranks, `scipy.stats.pearsonr(...).confidence_interval`) and n; NaNs when undefined."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of the same length; got {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = int(keep.sum())
+    if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return np.nan, np.nan, np.nan, n
+    result = stats.pearsonr(stats.rankdata(x), stats.rankdata(y))
+    interval = result.confidence_interval(confidence_level=level)
+    return float(result.statistic), float(interval.low), float(interval.high), n
+
+
 def internal_consistency_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman ρ across images between every pair of sign-aligned metrics, per variant and method (Q6, Q7)."""
+    """Spearman ρ across images between every pair of sign-aligned metrics, per variant and method (Q6, Q7),
+    with its 95% Fisher-z CI; images where either metric is undefined (NaN) are left out of the pair."""
     aligned = with_aligned(table)
     rows = []
     for (variant, method), part in aligned.groupby(["variant", "method"], sort=False):
-        matrix = part.pivot(index="image", columns="metric", values="aligned")[list(METRICS)].corr(method="spearman")
+        wide = part.pivot(index="image", columns="metric", values="aligned")[list(METRICS)]
         for i, a in enumerate(METRICS):
             for b in METRICS[i + 1:]:
-                rows.append({"variant": variant, "method": method, "metric_a": a, "metric_b": b, "rho": matrix.loc[a, b]})
+                rho, low, high, n = spearman_ci(wide[a].to_numpy(), wide[b].to_numpy())
+                rows.append({"variant": variant, "method": method, "metric_a": a, "metric_b": b, "rho": rho,
+                             "low": low, "high": high, "n": n})
     return pd.DataFrame(rows)
 
 
@@ -572,19 +603,63 @@ def replacement_sensitivity(table: pd.DataFrame, reference: str = "dataset_mean"
     return pd.DataFrame(rows)
 
 
-def class_dependence(table: pd.DataFrame, variant: str) -> pd.DataFrame:
-    """Per metric and method: Kruskal–Wallis H test of the per-image score across true classes, and the
-    per-image coefficient of variation (card §3, workshop claim)."""
+def class_effect(scores, labels) -> float:
+    """Kruskal–Wallis ε² = H / (n − 1) of the scores across classes (0: no class effect, 1: the class
+    orders the images completely); NaN scores are left out, NaN when undefined."""
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels)
+    keep = np.isfinite(scores)
+    scores, labels = scores[keep], labels[keep]
+    classes, index, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    keep = sizes[index] > 1  # as `class_dependence`: a class needs two images
+    scores, index = scores[keep], index[keep]
+    n = scores.size
+    if (sizes > 1).sum() < 2 or np.ptp(scores) == 0:
+        return np.nan
+    # H as in scipy.stats.kruskal (tie-corrected), computed directly: it runs thousands of times in the jackknife
+    ranks = stats.rankdata(scores)
+    counts = np.bincount(index, minlength=classes.size)
+    sums = np.bincount(index, weights=ranks, minlength=classes.size)
+    used = counts > 0
+    h = 12.0 / (n * (n + 1)) * np.sum(sums[used] ** 2 / counts[used]) - 3.0 * (n + 1)
+    return float(h / stats.tiecorrect(ranks)) / (n - 1)
+
+
+def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.DataFrame:
+    """Per metric and method: Kruskal–Wallis H test of the per-image score across true classes, its
+    effect size ε² = H/(n − 1), the per-image coefficient of variation (card §3, workshop claim), and
+    ε² minus the Random map's ε² on the same metric and images with a leave-one-image-out jackknife
+    95% t CI (`excess`, `excess_low`, `excess_high`): the Random map's score is class-dependent too
+    (the image drives it), so a method's class dependence counts only beyond Random's. NaN scores
+    are left out."""
+    part = table[table["variant"] == variant]
+    wide = part.pivot_table(index=["image", "label"], columns=["metric", "method"], values="score", dropna=False)
+    labels = wide.index.get_level_values("label").to_numpy()
     rows = []
-    for (metric, method), part in table[table["variant"] == variant].groupby(["metric", "method"], sort=False):
-        groups = [g["score"].to_numpy() for _, g in part.groupby("label") if len(g) > 1]
+    for (metric, method), one in part.groupby(["metric", "method"], sort=False):
+        values = one["score"].to_numpy(dtype=float)
+        groups = [g.dropna().to_numpy() for _, g in one.groupby("label")["score"]]
+        groups = [g for g in groups if g.size > 1]
         h, p = np.nan, np.nan
         if len(groups) >= 2 and np.ptp(np.concatenate(groups)) > 0:
             test = stats.kruskal(*groups)
             h, p = float(test.statistic), float(test.pvalue)
-        mean = part["score"].mean()
-        rows.append({"metric": metric, "method": method, "kruskal_h": h, "p_value": p,
-                     "cv": part["score"].std() / abs(mean) if mean else np.nan})
+        mean = np.nanmean(values)
+        row = {"metric": metric, "method": method, "kruskal_h": h, "p_value": p,
+               "epsilon2": class_effect(wide[(metric, method)].to_numpy(), labels),
+               "cv": np.nanstd(values, ddof=1) / abs(mean) if mean else np.nan,
+               "excess": np.nan, "excess_low": np.nan, "excess_high": np.nan}
+        if ci and method != "random" and (metric, "random") in wide:
+            data = np.column_stack([wide[(metric, method)].to_numpy(), wide[(metric, "random")].to_numpy(), labels])
+
+            def excess(d):
+                return class_effect(d[:, 0], d[:, 2]) - class_effect(d[:, 1], d[:, 2])
+
+            try:
+                interval = metrics.jackknife_ci(excess, data)
+                row.update(excess=interval.estimate, excess_low=interval.low, excess_high=interval.high)
+            except ValueError:
+                pass
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -724,7 +799,7 @@ def plot_alpha_heatmap(alphas: pd.DataFrame):
 
 
 def plot_alpha_ci(alphas: pd.DataFrame):
-    """α with its bootstrap CI per variant (x) and metric (colour), with Krippendorff's 0.667 and 0.8 lines;
+    """α with its jackknife CI per variant (x) and metric (colour), with Krippendorff's 0.667 and 0.8 lines;
     one row per method set."""
     sets = list(dict.fromkeys(alphas["methods"]))
     variants = list(dict.fromkeys(alphas["variant"]))
@@ -736,7 +811,7 @@ def plot_alpha_ci(alphas: pd.DataFrame):
         part = alphas[alphas["methods"] == name]
         for metric in METRICS:
             rows = part[part["metric"] == metric].set_index("variant").reindex(variants)
-            # percentile intervals need not contain the estimate (duplicated raters bias α upwards): clip at 0
+            # the jackknife interval is centred on the bias-corrected estimate, so it may miss α itself: clip at 0
             err = np.vstack([rows["alpha"] - rows["low"], rows["high"] - rows["alpha"]]).clip(min=0)
             ax.errorbar(np.arange(len(variants)) + offsets[metric], rows["alpha"], yerr=np.nan_to_num(err), fmt="o",
                         ms=4, capsize=2, color=colours[metric], label=METRIC_LABELS[metric])
@@ -746,7 +821,7 @@ def plot_alpha_ci(alphas: pd.DataFrame):
                         textcoords="offset points", va="center", fontsize=8)
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(name, fontsize=10)
-        ax.set_ylabel("Krippendorff's α\n(95% bootstrap CI)")
+        ax.set_ylabel("Krippendorff's α\n(95% jackknife CI)")
     axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.06, 1), fontsize=8)
     fig.tight_layout()
     return fig, alphas
@@ -822,23 +897,146 @@ def plot_class_dependence(table: pd.DataFrame, variant: str, metric: str = "aopc
 
 # ============================================================================ all analyses at once
 
-def analyse(table: pd.DataFrame, variants: list[Variant], n_boot: int, seed: int) -> dict:
-    """Every analysis of card §5.5 on the long table: each one a group-by of it."""
+def analyse(table: pd.DataFrame, variants: list[Variant], alpha_ci: bool = True, seed: int = 0) -> dict:
+    """Every analysis of card §5.5 on the long table (each one a group-by of it), and the intervals
+    the findings' rules read. `seed` is the seed of the one trained model (reported in `units`)."""
     primary = {v.replacement: v.label for v in primary_variants(variants)}
     if not {"dataset_mean", "uniform"} <= set(primary):
         raise ValueError(f"the analyses compare mean and uniform replacement at the first granularity, score and "
                          f"sign ({variants[0].label}); these variants have only {sorted(primary)}")
+    methods = [m for m in METHODS if m in set(table["method"])]
+    real = [m for m in methods if m not in NULL_METHODS]
+    pilot = [m for m in PILOT_METHODS if m in methods]
+    pair = (primary["dataset_mean"], primary["uniform"])
+    n_images = int(table["image"].nunique())
     return {
         "summary": method_summary(table),
-        "alphas": alpha_table(table, n_boot=n_boot, seed=seed),
+        "alphas": alpha_table(table, ci=alpha_ci),
         "inter_method": inter_method_summary(table),
+        "inter_method_pilot": inter_method_summary(table, exclude=[m for m in methods if m not in pilot]),
         "consistency": internal_consistency_table(table),
         "sensitivity": replacement_sensitivity(table),
         "classes": class_dependence(table, primary["dataset_mean"]),
+        "ranking_shift": ranking_shift(table, *pair, seed=seed),
+        "alpha_shift": alpha_shift(table, *pair),
+        "inter_method_ci": inter_method_ci(table, {"mean": pair[0], "uniform": pair[1]}, pilot),
+        "random_vs_real": random_vs_real(table, real),
         "primary": primary,
-        "real_methods": [m for m in METHODS if m in set(table["method"]) and m not in NULL_METHODS],
-        "methods": [m for m in METHODS if m in set(table["method"])],
+        "real_methods": real,
+        "pilot_methods": pilot,
+        "methods": methods,
+        "n_images": n_images,
+        "units": f"{n_images} images, one trained model (seed {seed})",
     }
+
+
+# ============================================================================ intervals behind the findings
+
+def _stacked(table: pd.DataFrame, metric: str, variants, methods=None) -> tuple[np.ndarray, list[str]]:
+    """(n_images, n_methods, len(variants)) scores of one metric; NaN where undefined."""
+    frames = [score_matrix(table, metric, v, methods) for v in variants]
+    columns = list(frames[0].columns)
+    images = frames[0].index
+    return np.stack([f.reindex(index=images, columns=columns).to_numpy(dtype=float) for f in frames], axis=2), columns
+
+
+def _jackknife(statistic, data) -> tuple[float, float, float]:
+    try:
+        interval = metrics.jackknife_ci(statistic, data)
+        return interval.estimate, interval.low, interval.high
+    except ValueError:
+        return np.nan, np.nan, np.nan
+
+
+def ranking_shift(table: pd.DataFrame, reference: str, other: str, seed: int = 0, n_resamples: int = 1000) -> pd.DataFrame:
+    """Per metric: Spearman ρ between the methods' mean scores under two variants (the agreement of the
+    two rankings; 1 = same order), with a 95% percentile bootstrap CI over images
+    (`scipy.stats.bootstrap`, images resampled with both variants' scores together). Not a jackknife:
+    ρ of a handful of means is a step function of the data, and leave-one-out pseudo-values of a
+    non-smooth statistic give intervals that can miss the estimate."""
+    rows = []
+    for metric in METRICS:
+        data, _ = _stacked(table, metric, (reference, other))
+
+        def rho(images):  # scipy resamples the image indices; each index carries its image's scores
+            d = data[images.astype(int)]
+            return stats.spearmanr(np.nanmean(d[:, :, 0], axis=0), np.nanmean(d[:, :, 1], axis=0)).statistic
+
+        estimate = float(rho(np.arange(data.shape[0])))
+        low = high = np.nan
+        if np.isfinite(estimate):
+            interval = stats.bootstrap((np.arange(data.shape[0]),), rho, vectorized=False, n_resamples=n_resamples,
+                                       method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+            low, high = float(interval.low), float(interval.high)
+        rows.append({"metric": metric, "rho": estimate, "low": low, "high": high, "n": data.shape[0]})
+    return pd.DataFrame(rows)
+
+
+def alpha_shift(table: pd.DataFrame, reference: str, other: str, methods=None) -> pd.DataFrame:
+    """Per metric: α(reference variant) − α(other variant) on the same images (those with ≥ 2 defined
+    scores in both), with a leave-one-image-out jackknife 95% t CI."""
+    rows = []
+    for metric in METRICS:
+        data, _ = _stacked(table, metric, (reference, other), methods)
+        data = data[((~np.isnan(data)).sum(axis=1) >= 2).all(axis=1)]
+        up = HIGHER_IS_BETTER[metric]
+
+        def difference(d):
+            return (metrics.krippendorff_alpha(d[:, :, 0], higher_is_better=up, missing="omit")
+                    - metrics.krippendorff_alpha(d[:, :, 1], higher_is_better=up, missing="omit"))
+
+        estimate, low, high = _jackknife(difference, data)
+        rows.append({"metric": metric, "diff": estimate, "low": low, "high": high, "n": data.shape[0]})
+    return pd.DataFrame(rows)
+
+
+def mean_off_diagonal_rho(matrix: np.ndarray) -> float:
+    """Mean over method pairs of the Spearman ρ across images (pairwise-complete; NaN pairs left out)."""
+    rho = pd.DataFrame(matrix).corr(method="spearman").to_numpy()
+    return float(np.nanmean(rho[np.triu_indices(rho.shape[0], k=1)]))
+
+
+def inter_method_ci(table: pd.DataFrame, variants: dict[str, str], methods) -> pd.DataFrame:
+    """Per replacement: AOPC-MoRF's mean off-diagonal inter-method ρ (over `methods`), and its excess
+    over Faithfulness's on the same images, each with a leave-one-image-out jackknife 95% t CI."""
+    rows = []
+    for name, variant in variants.items():
+        morf, _ = _stacked(table, "aopc_morf", [variant], methods)
+        faith, _ = _stacked(table, "faithfulness", [variant], methods)
+        data = np.concatenate([morf, faith], axis=2)
+        for quantity, statistic in (
+            ("morf", lambda d: mean_off_diagonal_rho(d[:, :, 0])),
+            ("morf_minus_faithfulness", lambda d: mean_off_diagonal_rho(d[:, :, 0]) - mean_off_diagonal_rho(d[:, :, 1])),
+        ):
+            estimate, low, high = _jackknife(statistic, data)
+            rows.append({"replacement": name, "variant": variant, "quantity": quantity, "estimate": estimate,
+                         "low": low, "high": high, "n": data.shape[0], "n_methods": data.shape[1]})
+    return pd.DataFrame(rows)
+
+
+def random_vs_real(table: pd.DataFrame, real_methods, level: float = 0.95) -> pd.DataFrame:
+    """Per metric × variant × real method: the mean per-image difference of sign-aligned scores, Random
+    minus the method (> 0: Random is better), with the paired t CI (`scipy.stats.ttest_rel`) at level
+    1 − (1 − level)/k, Bonferroni over the k real methods of the cell; NaN pairs left out."""
+    aligned = with_aligned(table)
+    wide = aligned.pivot_table(index=["metric", "variant", "image"], columns="method", values="aligned", dropna=False)
+    confidence = 1 - (1 - level) / max(1, len(real_methods))
+    rows = []
+    for (metric, variant), part in wide.groupby(level=["metric", "variant"], sort=False):
+        for method in real_methods:
+            pair = part[["random", method]].dropna()
+            row = {"metric": metric, "variant": variant, "method": method, "diff": np.nan, "low": np.nan,
+                   "high": np.nan, "n": len(pair), "level": confidence}
+            if len(pair) >= 3:
+                difference = pair["random"].to_numpy() - pair[method].to_numpy()
+                row["diff"] = float(difference.mean())
+                if np.ptp(difference) == 0:
+                    row.update(low=row["diff"], high=row["diff"])
+                else:
+                    ci = stats.ttest_rel(pair["random"], pair[method]).confidence_interval(confidence_level=confidence)
+                    row.update(low=float(ci.low), high=float(ci.high))
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def ranking_table(summary: pd.DataFrame, variants: list[str]) -> pd.DataFrame:
@@ -862,7 +1060,7 @@ def pilot_alpha_comparison(table: pd.DataFrame, variants: list[Variant]) -> pd.D
     pilot = [m for m in PILOT_METHODS if m in methods]
     sets = {"pilot": pilot, "pilot-": [m for m in pilot if m != "random"],
             "all": methods, "all-": [m for m in methods if m != "random"]}
-    alphas = alpha_table(table[table["variant"].isin(chosen.values())], sets, n_boot=0)
+    alphas = alpha_table(table[table["variant"].isin(chosen.values())], sets, ci=False)
     alpha = alphas.set_index(["metric", "variant", "methods"])["alpha"]
     rows = []
     for metric in ("faithfulness", "aopc_morf", "abpc", "aopc_lerf"):
@@ -893,7 +1091,7 @@ def pilot_numbers_comparison(results: dict, variants: list[Variant], accuracy: f
     """The card's other [pilot] numbers (§3) next to this run's; the paper column is n/a throughout.
     `seconds` = (wall, CPU) seconds of the metric step, None when it came from the cache."""
     mean_label, uniform_label = results["primary"]["dataset_mean"], results["primary"]["uniform"]
-    inter = results["inter_method"].set_index(["variant", "metric"])["mean"]
+    inter = results.get("inter_method_pilot", results["inter_method"]).set_index(["variant", "metric"])["mean"]
     first = variants[0]
     sens = results["sensitivity"]
     sens = sens[(sens["replacement"] == "uniform") & (sens["granularity"] == first.granularity)
@@ -904,9 +1102,9 @@ def pilot_numbers_comparison(results: dict, variants: list[Variant], accuracy: f
         ("test accuracy", "0.990", f"{accuracy:.3f}"),
         ("images evaluated", "200", str(n_images)),
         ("replacement sensitivity: per-image ρ mean vs uniform, metrics × methods", "0.28 to 0.77", _range(sens["rho"])),
-        ("inter-method ρ of AOPC-MoRF, mean off-diagonal (mean / uniform)", "0.64 / 0.57",
+        ("inter-method ρ of AOPC-MoRF, mean off-diagonal, pilot's six methods (mean / uniform)", "0.64 / 0.57",
          f"{inter[(mean_label, 'aopc_morf')]:.2f} / {inter[(uniform_label, 'aopc_morf')]:.2f}"),
-        ("inter-method ρ of Faithfulness and ABPC, mean off-diagonal", "0.14 to 0.31",
+        ("inter-method ρ of Faithfulness and ABPC, mean off-diagonal, pilot's six methods", "0.14 to 0.31",
          _range([inter[(v, m)] for v in (mean_label, uniform_label) for m in ("faithfulness", "abpc")])),
         ("internal consistency MoRF vs aligned LeRF (real methods)", "-0.15 to 0.19",
          _range(_pair_rho(results, "aopc_morf", "aopc_lerf", [mean_label, uniform_label]))),
@@ -944,7 +1142,8 @@ def scale_table(s: dict, bundle: dict, model_run: dict, methods: list[str], skip
          f"{geo.steps}, {geo.pixels_per_step} px"),
         ("metric variants", "n/a (at least mean vs uniform, unverified)",
          "replacement × granularity × prob/logit (× abs)", str(len(variants))),
-        ("bootstrap resamples for the α CI", "n/a", "optional", str(s["n_boot"])),
+        ("α CI", "n/a", "optional (bootstrap BCa)",
+         "leave-one-image-out jackknife t interval" if s["alpha_ci"] else "none"),
     ]
     return pd.DataFrame(rows, columns=["setting", "paper", "card recipe", "this run"])
 
@@ -969,94 +1168,232 @@ def quirk_choices(s: dict, geo: Geometry) -> pd.DataFrame:
         ("Q10", "mini-VGG variant: n/a",
          "with bias, hard labels; L2 1e-4 as Adam weight decay on all weights (card: convolutions only)"),
         ("extra", "faithfulness is undefined when no single-feature replacement moves the score",
-         "stored as 0 (no evidence of faithfulness) and counted"),
+         "stored as NaN (missing) and counted; left out of means, ranks, α and correlations"),
     ]
     return pd.DataFrame(rows, columns=["quirk", "issue", "choice in this run"])
 
 
-def _finding(claim: str, this_run: str, passed: bool, partly: bool, rule: str) -> dict:
-    return {"claim": claim, "paper": "n/a", "this_run": f"{this_run} [rule: {rule}]", "verdict": _verdict(passed, partly)}
+TENTATIVE = metrics.KRIPPENDORFF_TENTATIVE
+
+
+def _require(frame, columns, what: str) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame) or frame.empty:
+        raise ValueError(f"{what} needs a non-empty DataFrame with columns {list(columns)}")
+    missing = [c for c in columns if c not in frame]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}; it needs {list(columns)}")
+    return frame
+
+
+def count_verdict(certain: int, possible: int, needed: int) -> str:
+    """Verdict of a rule that needs `needed` cells to pass, from the cells whose interval passes
+    wholly (`certain`) and those whose interval at least reaches the passing side (`possible` ≥
+    `certain`): reproduced when certain ≥ needed, not reproduced when possible < needed, else
+    inconclusive (the count's own interval [certain, possible] straddles the requirement)."""
+    if needed < 1 or not 0 <= certain <= possible:
+        raise ValueError(f"need 0 <= certain <= possible and needed >= 1; got {certain}, {possible}, {needed}")
+    return interval_verdict(float(certain), float(possible), needed - 0.5)
+
+
+def all_of(verdicts) -> str:
+    """A conjunction of interval verdicts: reproduced when every part is; not reproduced when some part
+    is not and none is (partly reproduced when others are); otherwise inconclusive."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        raise ValueError("all_of needs at least one verdict")
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    if "not reproduced" in verdicts:
+        return "partly reproduced" if "reproduced" in verdicts else "not reproduced"
+    return "inconclusive"
+
+
+def _majority(total: int) -> int:
+    return total // 2 + 1
+
+
+def _ci(estimate, low, high) -> str:
+    return "undefined" if not np.isfinite(estimate) else f"{estimate:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _row(claim: str, this_run: str, verdict: str, rule: str, n: str, uncertainty: str) -> dict:
+    return {"claim": claim, "paper": "n/a", "this_run": f"{this_run} [rule: {rule}]", "verdict": verdict, "n": n,
+            "uncertainty": uncertainty}
+
+
+def _cells(frame, low: str, high: str, passes, reaches) -> tuple[int, int, int]:
+    finite = frame[np.isfinite(frame[low]) & np.isfinite(frame[high])]
+    certain = int(sum(passes(a, b) for a, b in zip(finite[low], finite[high])))
+    possible = int(sum(reaches(a, b) for a, b in zip(finite[low], finite[high])))
+    return certain, possible, len(finite)
+
+
+def _share_text(certain: int, possible: int, total: int, what: str) -> str:
+    return f"{certain} of {total} cells wholly {what}, {possible - certain} straddle"
+
+
+CLAIMS = {
+    "ranking": "(abstract) Implementation choices change the measured fidelity and the method ranking",
+    "alpha": "(abstract) Saliency metrics can be statistically unreliable (read: low inter-rater α)",
+    "consistency": "(abstract) Saliency metrics can be inconsistent (read: low internal consistency)",
+    "classes": "(workshop) A method's per-image fidelity depends on the image class, beyond the Random map's",
+    "alpha_shift": "(unverified recollection) α differs markedly between mean and random (uniform) replacement",
+    "inter_method": "(unverified recollection) AOPC-MoRF has a high inter-method ρ with the card's six methods "
+                    "(the image, not the method, drives it)",
+    "morf_lerf": "(unverified recollection) MoRF and LeRF are weakly correlated (|ρ| < 0.5)",
+    "random": "[pilot] The Random map outranks a real method under some variants",
+}
+
+
+def rule_ranking_shift(cells: pd.DataFrame, units: str) -> dict:
+    """Rule 1: the ranking ρ (mean vs uniform replacement) has its 95% CI wholly below 0.8 for ≥ 2 of the metrics."""
+    _require(cells, ["metric", "rho", "low", "high"], "rule_ranking_shift")
+    certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: hi < 0.8, lambda lo, hi: lo < 0.8)
+    needed = min(2, max(1, total))
+    text = "ranking ρ of the method means, mean vs uniform: " + ", ".join(
+        f"{METRIC_LABELS.get(m, m)} {_ci(r, lo, hi)}" for m, r, lo, hi in
+        zip(cells["metric"], cells["rho"], cells["low"], cells["high"]))
+    return _row(CLAIMS["ranking"], text, count_verdict(certain, possible, needed) if total else "inconclusive",
+                f"reproduced if the 95% CI of the ranking ρ lies wholly below 0.8 for ≥ {needed} of {len(cells)} metrics; "
+                f"not reproduced if fewer CIs than that reach below 0.8", units,
+                f"95% percentile bootstrap CI over images per metric; {certain} of {total} metrics wholly below 0.8, "
+                f"{possible - certain} straddle")
+
+
+def rule_low_alpha(alphas: pd.DataFrame, units: str) -> dict:
+    """Rule 2: α's CI lies wholly below 0.667 in more than half of the metric × variant cells."""
+    _require(alphas, ["metric", "variant", "alpha", "low", "high"], "rule_low_alpha")
+    certain, possible, total = _cells(alphas, "low", "high", lambda lo, hi: hi < TENTATIVE, lambda lo, hi: lo < TENTATIVE)
+    needed = _majority(total) if total else 1
+    text = (f"α from {alphas['alpha'].min():.2f} to {alphas['alpha'].max():.2f} over {len(alphas)} metric × variant "
+            f"cells (all methods); {int((alphas['alpha'] < TENTATIVE).sum())} point estimates below {TENTATIVE}")
+    return _row(CLAIMS["alpha"], text, count_verdict(certain, possible, needed),
+                f"reproduced if α's 95% CI lies wholly below {TENTATIVE} in more than half ({needed}) of the "
+                f"{total} cells; not reproduced if fewer than {needed} CIs reach below it", units,
+                "95% jackknife t CI over images per cell; " + _share_text(certain, possible, total, f"below {TENTATIVE}"))
+
+
+def rule_inconsistent(cells: pd.DataFrame, units: str) -> dict:
+    """Rule 3: internal-consistency ρ has its CI wholly below 0.5 in more than half of the cells."""
+    _require(cells, ["rho", "low", "high"], "rule_inconsistent")
+    certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: hi < 0.5, lambda lo, hi: lo < 0.5)
+    needed = _majority(total) if total else 1
+    text = (f"ρ between sign-aligned metric pairs, real methods × variants × pairs: median {cells['rho'].median():.2f} "
+            f"(range {_range(cells['rho'])})")
+    return _row(CLAIMS["consistency"], text, count_verdict(certain, possible, needed),
+                f"reproduced if ρ's 95% CI lies wholly below 0.5 in more than half ({needed}) of the {total} cells "
+                f"(then the median is below 0.5); not reproduced if fewer than {needed} reach below it", units,
+                "95% Fisher-z CI of Spearman ρ per cell; " + _share_text(certain, possible, total, "below 0.5"))
+
+
+def rule_class_dependence(cells: pd.DataFrame, units: str) -> dict:
+    """Rule 4: a real method's class effect ε² exceeds Random's (CI of the excess > 0) in more than half of the cells."""
+    _require(cells, ["metric", "method", "excess", "excess_low", "excess_high"], "rule_class_dependence")
+    certain, possible, total = _cells(cells, "excess_low", "excess_high", lambda lo, hi: lo > 0, lambda lo, hi: hi > 0)
+    needed = _majority(total) if total else 1
+    text = (f"class effect ε² (Kruskal–Wallis H/(n−1)) minus the Random map's, real method × metric cells at mean "
+            f"replacement: median {cells['excess'].median():.3f} (range {_range(cells['excess'])})")
+    return _row(CLAIMS["classes"], text, count_verdict(certain, possible, needed),
+                f"reproduced if the 95% CI of ε² − ε²(Random) lies wholly above 0 in more than half ({needed}) of the "
+                f"{total} cells; not reproduced if fewer than {needed} reach above 0", units,
+                "95% jackknife t CI over images per cell; " + _share_text(certain, possible, total, "above 0"))
+
+
+def rule_alpha_shift(cells: pd.DataFrame, units: str) -> dict:
+    """Rule 5: |α(mean) − α(uniform)| has its CI wholly beyond 0.1 for ≥ 2 metrics."""
+    _require(cells, ["metric", "diff", "low", "high"], "rule_alpha_shift")
+    certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: lo > 0.1 or hi < -0.1,
+                                      lambda lo, hi: hi > 0.1 or lo < -0.1)
+    needed = min(2, max(1, total))
+    text = "α(mean) − α(uniform): " + ", ".join(
+        f"{METRIC_LABELS.get(m, m)} {_ci(d, lo, hi)}" for m, d, lo, hi in
+        zip(cells["metric"], cells["diff"], cells["low"], cells["high"]))
+    return _row(CLAIMS["alpha_shift"], text, count_verdict(certain, possible, needed) if total else "inconclusive",
+                f"reproduced if the 95% CI of α(mean) − α(uniform) lies wholly beyond ±0.1 for ≥ {needed} of "
+                f"{len(cells)} metrics; not reproduced if fewer CIs than that reach beyond ±0.1", units,
+                f"95% jackknife t CI over images per metric; {certain} of {total} wholly beyond ±0.1, "
+                f"{possible - certain} straddle")
+
+
+def rule_inter_method(cells: pd.DataFrame, units: str, context: str = "") -> dict:
+    """Rule 6: with the card's six methods, AOPC-MoRF's mean off-diagonal ρ has its CI above 0.5 and above
+    Faithfulness's (CI of the difference above 0), under mean and under uniform replacement."""
+    _require(cells, ["replacement", "quantity", "estimate", "low", "high"], "rule_inter_method")
+    thresholds = {"morf": 0.5, "morf_minus_faithfulness": 0.0}
+    unknown = sorted(set(cells["quantity"]) - set(thresholds))
+    if unknown:
+        raise ValueError(f"rule_inter_method: unknown quantities {unknown}; expected {sorted(thresholds)}")
+    verdicts = [interval_verdict(lo, hi, thresholds[q]) if np.isfinite(lo) and np.isfinite(hi) else "inconclusive"
+                for q, lo, hi in zip(cells["quantity"], cells["low"], cells["high"])]
+    names = {"morf": "AOPC-MoRF mean off-diagonal ρ", "morf_minus_faithfulness": "minus Faithfulness's"}
+    methods = int(cells["n_methods"].iloc[0]) if "n_methods" in cells else None
+    text = (f"{methods} methods: " if methods else "") + "; ".join(
+        f"{names[q]} ({r}) {_ci(e, lo, hi)}" for r, q, e, lo, hi in
+        zip(cells["replacement"], cells["quantity"], cells["estimate"], cells["low"], cells["high"])) + context
+    return _row(CLAIMS["inter_method"], text, all_of(verdicts),
+                "reproduced if, under mean and under uniform replacement, the 95% CI of AOPC-MoRF's mean off-diagonal ρ "
+                "lies wholly above 0.5 and that of its excess over Faithfulness's wholly above 0; not reproduced if "
+                "a part fails and none passes (partly if some pass)", units,
+                "95% jackknife t CIs over images; parts: " + ", ".join(verdicts))
+
+
+def rule_morf_lerf(cells: pd.DataFrame, units: str) -> dict:
+    """Rule 7: ρ(MoRF, aligned LeRF) has its CI wholly inside (−0.5, 0.5) in more than half of the cells."""
+    _require(cells, ["rho", "low", "high"], "rule_morf_lerf")
+    certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: lo > -0.5 and hi < 0.5,
+                                      lambda lo, hi: lo < 0.5 and hi > -0.5)
+    needed = _majority(total) if total else 1
+    text = (f"ρ(MoRF, aligned LeRF), real method × variant cells: median {cells['rho'].median():.2f}, "
+            f"range {_range(cells['rho'])}")
+    return _row(CLAIMS["morf_lerf"], text, count_verdict(certain, possible, needed),
+                f"reproduced if ρ's 95% CI lies wholly inside (−0.5, 0.5) in more than half ({needed}) of the {total} "
+                f"cells; not reproduced if fewer than {needed} CIs reach inside", units,
+                "95% Fisher-z CI of Spearman ρ per cell; " + _share_text(certain, possible, total, "inside (−0.5, 0.5)"))
+
+
+def rule_random_outranks(cells: pd.DataFrame, units: str, share: float = 0.1) -> dict:
+    """Rule 8: in at least `share` of the metric × variant cells Random beats some real method with a paired CI > 0."""
+    _require(cells, ["metric", "variant", "method", "diff", "low", "high"], "rule_random_outranks")
+    if not 0 < share <= 1:
+        raise ValueError(f"share must lie in (0, 1]; got {share}")
+    finite = cells[np.isfinite(cells["low"]) & np.isfinite(cells["high"])]
+    per_cell = finite.groupby(["metric", "variant"], sort=False).agg(low=("low", "max"), high=("high", "max"))
+    total = len(per_cell)
+    certain, possible = int((per_cell["low"] > 0).sum()), int((per_cell["high"] > 0).sum())
+    needed = max(1, math.ceil(share * total))
+    beaten = finite[finite["low"] > 0]
+    text = (f"Random beats a real method (paired CI wholly above 0) in {certain} of {total} metric × variant cells"
+            + (": " + ", ".join(f"{METRIC_LABELS.get(m, m)}·{v}" for m, v in dict.fromkeys(zip(beaten['metric'],
+                                                                                                 beaten['variant'])))
+               if certain else ""))
+    level = float(cells["level"].iloc[0]) if "level" in cells else 0.95
+    return _row(CLAIMS["random"], text, count_verdict(certain, possible, needed),
+                f"reproduced if in ≥ {share:.0%} ({needed}) of the {total} cells Random's mean sign-aligned score exceeds "
+                f"a real method's with the paired CI of the difference wholly above 0; not reproduced if fewer than "
+                f"{needed} cells have a CI reaching above 0", units,
+                f"paired t CI (ttest_rel) over images at {level:.2%} (95% Bonferroni over the real methods); "
+                f"{certain} of {total} cells wholly above 0, {possible - certain} straddle")
 
 
 def findings(results: dict) -> list[dict]:
-    """Each §3 hypothesis of the card with this run's numbers and a verdict computed from them. The
-    thresholds are the project's reading of the qualitative claims and are printed in each row."""
-    mean_label, uniform_label = results["primary"]["dataset_mean"], results["primary"]["uniform"]
-    summary, real = results["summary"], results["real_methods"]
+    """Each §3 hypothesis of the card with this run's numbers, its interval and a verdict computed by the
+    rule printed in the row (the project's reading of the qualitative claims)."""
+    units, real = results["units"], results["real_methods"]
     alphas = results["alphas"]
-    alpha = alphas[alphas["methods"] == ALL_METHODS].set_index(["metric", "variant"])
-    inter = results["inter_method"].set_index(["variant", "metric"])["mean"]
     consistency = results["consistency"][results["consistency"]["method"].isin(real)]
-    rows = []
-
-    rank = summary.set_index(["metric", "variant", "method"])["rank"].sort_index()
-    rank_rho = {m: float(np.corrcoef(rank[(m, mean_label)].sort_index(), rank[(m, uniform_label)].sort_index())[0, 1])
-                for m in METRICS}  # Pearson of ranks = Spearman of the mean scores
-    winners = {m: summary[(summary["metric"] == m) & (summary["rank"] == 1)]["method"].nunique() for m in METRICS}
-    moved = sum(r < 0.8 for r in rank_rho.values())
-    per_image = results["sensitivity"]
-    per_image = float(per_image[per_image["replacement"] == "uniform"]["rho"].median())
-    rows.append(_finding(
-        "(abstract) Implementation choices change the measured fidelity and the method ranking",
-        "ranking ρ mean vs uniform: " + ", ".join(f"{METRIC_LABELS[m]} {r:.2f}" for m, r in rank_rho.items())
-        + "; different winners across variants: " + ", ".join(f"{METRIC_LABELS[m]} {w}" for m, w in winners.items())
-        + f"; median per-image ρ mean vs uniform {per_image:.2f}",
-        moved >= 2, moved >= 1, "reproduced if the ranking ρ between mean and uniform is < 0.8 for ≥ 2 of 4 metrics"))
-
-    clearly_low = int((alpha["high"] < metrics.KRIPPENDORFF_TENTATIVE).sum())
-    below = int((alpha["alpha"] < metrics.KRIPPENDORFF_RELIABLE).sum())
-    rows.append(_finding(
-        "(abstract) Saliency metrics can be statistically unreliable (read: low inter-rater α)",
-        f"α from {alpha['alpha'].min():.2f} to {alpha['alpha'].max():.2f}; {clearly_low} of {len(alpha)} metric × variant "
-        f"CIs lie wholly below {metrics.KRIPPENDORFF_TENTATIVE}; {below} have α < {metrics.KRIPPENDORFF_RELIABLE}",
-        clearly_low >= 1, below >= 1, f"reproduced if some α CI lies wholly below {metrics.KRIPPENDORFF_TENTATIVE}; "
-        f"partly if only some α < {metrics.KRIPPENDORFF_RELIABLE}"))
-
-    median_ic = float(consistency["rho"].median())
-    rows.append(_finding(
-        "(abstract) Saliency metrics can be inconsistent (read: low internal consistency)",
-        f"median ρ between sign-aligned metric pairs, real methods, all variants {median_ic:.2f} "
-        f"(range {_range(consistency['rho'])})",
-        median_ic < 0.5, median_ic < 0.7, "reproduced if the median internal-consistency ρ < 0.5; partly if < 0.7"))
-
     classes = results["classes"][results["classes"]["method"].isin(real)]
-    share = float((classes["p_value"] < 0.05).mean())
-    rows.append(_finding(
-        "(workshop) A method's per-image fidelity varies a lot and depends on the image class",
-        f"Kruskal–Wallis across true classes at {mean_label}: p < 0.05 for {share:.0%} of real method × metric pairs; "
-        f"median |CV| of the per-image score {classes['cv'].abs().median():.2f}",
-        share >= 0.5, share > 0, "reproduced if p < 0.05 for ≥ 50% of real method × metric pairs"))
-
-    spread = alpha.groupby(level="metric")["alpha"].agg(lambda a: a.max() - a.min())
-    gap = {m: abs(alpha.loc[(m, mean_label), "alpha"] - alpha.loc[(m, uniform_label), "alpha"]) for m in METRICS}
-    wide, split = int((spread > 0.2).sum()), sum(g > 0.1 for g in gap.values())
-    rows.append(_finding(
-        "(unverified recollection) α differs markedly between metric variants, and between mean and random replacement",
-        "α range across variants: " + ", ".join(f"{METRIC_LABELS[m]} {spread[m]:.2f}" for m in METRICS)
-        + "; |α mean − α uniform|: " + ", ".join(f"{METRIC_LABELS[m]} {g:.2f}" for m, g in gap.items()),
-        wide >= 2 and split >= 2, wide >= 1 or split >= 1,
-        "reproduced if ≥ 2 metrics span > 0.2 across variants and ≥ 2 differ by > 0.1 between mean and uniform"))
-
-    morf = [inter[(v, "aopc_morf")] for v in (mean_label, uniform_label)]
-    faith = [inter[(v, "faithfulness")] for v in (mean_label, uniform_label)]
-    rows.append(_finding(
-        "(unverified recollection) AOPC-MoRF has a high inter-method ρ (the image, not the method, drives it)",
-        f"mean off-diagonal ρ: AOPC-MoRF {morf[0]:.2f} (mean) / {morf[1]:.2f} (uniform); "
-        f"Faithfulness {faith[0]:.2f} / {faith[1]:.2f}",
-        min(morf) >= 0.5 and min(morf) > max(faith), min(morf) >= 0.3,
-        "reproduced if AOPC-MoRF's mean off-diagonal ρ ≥ 0.5 under both and above Faithfulness's"))
-
-    ml = consistency[(consistency["metric_a"] == "aopc_morf") & (consistency["metric_b"] == "aopc_lerf")]["rho"]
-    rows.append(_finding(
-        "(unverified recollection) MoRF and LeRF are weakly or inconsistently correlated",
-        f"ρ(MoRF, aligned LeRF), real methods, all variants: median {ml.median():.2f}, range {_range(ml)}",
-        abs(ml.median()) < 0.3 or (ml.min() < 0 < ml.max()), abs(ml.median()) < 0.5,
-        "reproduced if |median ρ| < 0.3 or the sign differs between methods or variants"))
-
-    wide_rank = summary.pivot_table(index=["variant", "metric"], columns="method", values="rank")
-    beaten = int((wide_rank[real].gt(wide_rank["random"], axis=0)).any(axis=1).sum())
-    rows.append(_finding(
-        "[pilot] The Random map outranks a real method under some variants",
-        f"Random ranks above at least one real method in {beaten} of {len(wide_rank)} metric × variant cells",
-        beaten >= 1, False, "reproduced if this happens in at least one cell"))
-    return rows
+    inter_all = results["inter_method"].set_index(["variant", "metric"])["mean"]
+    mean_label, uniform_label = results["primary"]["dataset_mean"], results["primary"]["uniform"]
+    context = (f"; for contrast, all {len(results['methods'])} methods: AOPC-MoRF {inter_all[(mean_label, 'aopc_morf')]:.2f}"
+               f" / {inter_all[(uniform_label, 'aopc_morf')]:.2f} (point estimates)")
+    morf_lerf = consistency[(consistency["metric_a"] == "aopc_morf") & (consistency["metric_b"] == "aopc_lerf")]
+    return [
+        rule_ranking_shift(results["ranking_shift"], units),
+        rule_low_alpha(alphas[alphas["methods"] == ALL_METHODS], units),
+        rule_inconsistent(consistency, units),
+        rule_class_dependence(classes, units),
+        rule_alpha_shift(results["alpha_shift"], units),
+        rule_inter_method(results["inter_method_ci"], units, context),
+        rule_morf_lerf(morf_lerf, units),
+        rule_random_outranks(results["random_vs_real"], units),
+    ]

@@ -35,6 +35,8 @@ __all__ = [
     "krippendorff_alpha",
     "BootstrapCI",
     "bootstrap_ci",
+    "JackknifeCI",
+    "jackknife_ci",
     "off_diagonal_summary",
     "inter_method_reliability",
     "internal_consistency",
@@ -54,7 +56,7 @@ _LEVELS = ("ordinal", "interval", "ratio", "nominal")
 _RANKINGS = ("rank", "argsort", "none")
 
 
-def _array(x, name: str) -> np.ndarray:
+def _array(x, name: str, allow_nan: bool = False) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     elif isinstance(x, (pd.DataFrame, pd.Series)):
@@ -65,13 +67,17 @@ def _array(x, name: str) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise ValueError(f"{name} must hold real numbers; got dtype {a.dtype}")
     a = a.astype(np.float64)
+    if allow_nan:
+        if np.isinf(a).any():
+            raise ValueError(f"{name} contains Inf ({int(np.isinf(a).sum())} values); scores must be finite or NaN")
+        return a
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf ({int((~np.isfinite(a)).sum())} values); scores must be finite")
     return a
 
 
-def _matrix(scores, name: str = "scores", min_images: int = 2) -> np.ndarray:
-    a = _array(scores, name)
+def _matrix(scores, name: str = "scores", min_images: int = 2, allow_nan: bool = False) -> np.ndarray:
+    a = _array(scores, name, allow_nan)
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (n_images, n_methods) matrix; got shape {a.shape}")
     if a.shape[0] < min_images or a.shape[1] < 2:
@@ -109,7 +115,7 @@ def rank_within_images(scores, higher_is_better: bool = True) -> np.ndarray:
 
 
 def krippendorff_alpha(
-    scores, level: str = "ordinal", higher_is_better: bool = True, ranking: str = "rank"
+    scores, level: str = "ordinal", higher_is_better: bool = True, ranking: str = "rank", missing: str = "raise"
 ) -> float:
     """Krippendorff's α of an ``(n_images, n_methods)`` score matrix (Tomsett et al. 2020, E3).
 
@@ -125,22 +131,35 @@ def krippendorff_alpha(
     * ``"none"``: the sign-aligned raw scores (the interval α on the score matrix of some
       third-party code).
 
+    ``missing="raise"`` (default) rejects NaN scores; ``missing="omit"`` treats a NaN score (an
+    undefined metric value) as a missing value: the methods are ranked among the defined scores of
+    each image (``rankdata(nan_policy="omit")``), an image with fewer than two defined scores is
+    dropped, and the package's α for missing data is computed on the rest.
+
     Identical rankings on every image give α = 1; independent random rankings give α ≈ 0. If all
     values are equal (every image ties every method) α is undefined and ``ValueError`` is raised.
     """
-    a = _matrix(scores)
+    if missing not in ("raise", "omit"):
+        raise ValueError(f"missing must be 'raise' or 'omit'; got {missing!r}")
+    a = _matrix(scores, allow_nan=missing == "omit")
+    if missing == "omit":
+        a = a[(~np.isnan(a)).sum(axis=1) >= 2]
+        if a.shape[0] < 2:
+            raise ValueError("Krippendorff's alpha needs at least 2 images with 2 or more defined scores")
     if level not in _LEVELS:
         raise ValueError(f"unknown level {level!r}; choose one of {list(_LEVELS)}")
     if ranking not in _RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; choose one of {list(_RANKINGS)}")
     aligned = a if _check_bool(higher_is_better, "higher_is_better") else -a
     if ranking == "rank":
-        values = stats.rankdata(aligned, method="average", axis=1)
+        values = stats.rankdata(aligned, method="average", axis=1, nan_policy="omit")
     elif ranking == "argsort":
+        if np.isnan(aligned).any():
+            raise ValueError("ranking='argsort' cannot handle missing (NaN) scores; use ranking='rank'")
         values = np.argsort(aligned, axis=1, kind="stable").astype(np.float64)
     else:
         values = aligned
-    if np.unique(values).size < 2:
+    if np.unique(values[~np.isnan(values)]).size < 2:
         raise ValueError(
             "Krippendorff's alpha is undefined: every value is the same (e.g. all methods tie on every image)"
         )
@@ -162,6 +181,9 @@ def bootstrap_ci(
     statistic: Callable, data, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> BootstrapCI:
     """Percentile bootstrap confidence interval, resampling images (rows) with replacement.
+
+    Not for Krippendorff's α over raters: a resample repeats images, a repeated rater agrees
+    perfectly with itself, and the resampled α is biased upwards; use :func:`jackknife_ci`.
 
     ``statistic(resampled) -> float`` is called on the full data and on ``n_boot`` resamples drawn
     with ``numpy.random.default_rng(seed)``; ``data`` is an array, tensor or DataFrame with images
@@ -204,6 +226,65 @@ def bootstrap_ci(
     draws = np.array([evaluate(take(rng.integers(0, rows, size=rows))) for _ in range(n_boot)])
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return BootstrapCI(estimate, float(low), float(high))
+
+
+class JackknifeCI(NamedTuple):
+    """A statistic on the full data and its leave-one-out jackknife t interval over ``n`` units."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+
+def jackknife_ci(statistic: Callable, data, level: float = 0.95) -> JackknifeCI:
+    """Leave-one-image-out jackknife confidence interval of ``statistic(data) -> float``.
+
+    ``data`` is an array, tensor or DataFrame with images (the independent units) along its first
+    axis. The statistic is computed on the full data (θ) and with each image left out in turn
+    (θ₋ᵢ); the pseudo-values n·θ − (n − 1)·θ₋ᵢ are treated as n independent values and their
+    Student t interval (``scipy.stats.ttest_1samp(...).confidence_interval``) is returned, centred
+    on the bias-corrected jackknife estimate. Unlike a bootstrap it never duplicates an image, so
+    a statistic that rewards agreement between units (Krippendorff's α with images as raters) is
+    not inflated. ``estimate`` is θ on the full data. A statistic that is not finite on some
+    leave-one-out sample raises ``ValueError``.
+    """
+    if not callable(statistic):
+        raise ValueError("statistic must be a callable taking the data with one image left out")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1); got {level!r}")
+    if isinstance(data, pd.DataFrame):
+        rows = len(data)
+
+        def take(index):
+            return data.iloc[index].reset_index(drop=True)
+
+    else:
+        array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        if array.ndim < 1:
+            raise ValueError("data must have images along its first axis")
+        rows = array.shape[0]
+
+        def take(index):
+            return array[index]
+
+    if rows < 3:
+        raise ValueError(f"data needs at least 3 images (rows) for a jackknife interval; got {rows}")
+
+    def evaluate(sample) -> float:
+        value = float(statistic(sample))
+        if not np.isfinite(value):
+            raise ValueError(f"statistic returned {value} on a leave-one-out sample; it must be finite")
+        return value
+
+    everything = np.arange(rows)
+    estimate = evaluate(take(everything))
+    leave_out = np.array([evaluate(take(np.delete(everything, i))) for i in range(rows)])
+    pseudo = rows * estimate - (rows - 1) * leave_out
+    if np.ptp(pseudo) == 0:
+        return JackknifeCI(estimate, float(pseudo[0]), float(pseudo[0]), rows)
+    ci = stats.ttest_1samp(pseudo, 0.0).confidence_interval(confidence_level=level)
+    return JackknifeCI(estimate, float(ci.low), float(ci.high), rows)
 
 
 def _names(names: Sequence[str] | None, count: int, what: str) -> list[str]:
