@@ -94,6 +94,7 @@ def run_notebook(
         if isinstance(parameters.get(name), str):  # relative to where the user stands, not to notebooks/
             parameters[name] = str(Path(parameters[name]).resolve())
     runs_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("STUDY_PROGRESS", "0")  # no bars inside executed copies (the kernel inherits it)
     final = runs_dir / notebook.name
     partial = runs_dir / f".{notebook.stem}.partial.ipynb"
     try:
@@ -154,6 +155,7 @@ def refresh_notebook(name: str | Path, timeout: int = 1800) -> Path:
     This is how the committed outputs are produced: by the notebook's own code, nothing pasted.
     """
     notebook = find_notebook(name)
+    os.environ.setdefault("STUDY_PROGRESS", "0")
     nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(notebook.parent)}}

@@ -1,6 +1,11 @@
 """Fixtures shared by several test modules."""
+import os
+
 import pytest
 import torch
+
+# no progress bars in test logs, nor in the kernels nbval starts (they inherit the environment)
+os.environ.setdefault("STUDY_PROGRESS", "0")
 
 
 @pytest.fixture(scope="module")

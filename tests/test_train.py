@@ -97,3 +97,19 @@ def test_interrupted_write_leaves_no_readable_partial_file(tmp_path, monkeypatch
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         train.fit(_model(), _batches(), device="cpu", **kwargs)
+
+
+def test_progress_bars_follow_study_progress_and_show_in_a_notebook_kernel(monkeypatch):
+    import sys
+
+    from study.train import progress_enabled
+    monkeypatch.setenv("STUDY_PROGRESS", "1")
+    assert progress_enabled()
+    monkeypatch.setenv("STUDY_PROGRESS", "0")
+    assert not progress_enabled()
+    monkeypatch.delenv("STUDY_PROGRESS")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert progress_enabled()  # JupyterLab: bars
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    assert not progress_enabled()  # a log file: none
