@@ -167,6 +167,18 @@ def gradmask_loss(images: torch.Tensor, logits: torch.Tensor, outside: torch.Ten
     return lam * (gradient.abs() * outside).sum()
 
 
+def _check_feature_pair(features, features_shuffled) -> None:
+    """Both (B, D), non-empty, the same shape and finite (a NaN would spread through every later step)."""
+    for name, value in (("features", features), ("features_shuffled", features_shuffled)):
+        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] == 0:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a non-empty (B, D) tensor, got {got}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+    if features.shape != features_shuffled.shape:
+        raise ValueError(f"feature shapes differ: {tuple(features.shape)} vs {tuple(features_shuffled.shape)}")
+
+
 def actdiff_loss(features: torch.Tensor, features_shuffled: torch.Tensor, lam: float = 1.0,
                  apply_lambda: bool = False) -> torch.Tensor:
     """ActDiff: mean_i ‖f(x_i) − f(x̃_i)‖₂ (pairwise distance, p = 2, eps 1e-6).
@@ -176,12 +188,7 @@ def actdiff_loss(features: torch.Tensor, features_shuffled: torch.Tensor, lam: f
     multiplies by `lam`. With x̃ = x the distance is eps·√d, not 0 (card §7.4).
     """
     lam = _check_lambda(lam)
-    for name, value in (("features", features), ("features_shuffled", features_shuffled)):
-        if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] == 0:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{name} must be a non-empty (B, D) tensor, got {got}")
-    if features.shape != features_shuffled.shape:
-        raise ValueError(f"feature shapes differ: {tuple(features.shape)} vs {tuple(features_shuffled.shape)}")
+    _check_feature_pair(features, features_shuffled)
     distance = F.pairwise_distance(features, features_shuffled, p=2, eps=ACTDIFF_DISTANCE_EPS).mean()
     return distance * (lam if apply_lambda else 1.0)
 
@@ -212,6 +219,7 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 def discriminator_loss(disc: nn.Module, features: torch.Tensor, features_shuffled: torch.Tensor, lam: float) -> torch.Tensor:
     """L_D = λ · [BCE(D(f(x)), 1) + BCE(D(f(x̃)), 0)] on detached features (D learns to tell x from x̃)."""
     lam = _check_lambda(lam)
+    _check_feature_pair(features, features_shuffled)
     return lam * (_bce(disc(features.detach()), 1.0) + _bce(disc(features_shuffled.detach()), 0.0))
 
 
@@ -219,6 +227,7 @@ def adversarial_encoder_loss(disc: nn.Module, features: torch.Tensor, features_s
     """L_G = λ · [BCE(D(f(x)), 0) + BCE(D(f(x̃)), 1)]: the encoder is pushed to make x and x̃ look
     alike to D. Call with D's parameters frozen (see `AdversarialSchedule`)."""
     lam = _check_lambda(lam)
+    _check_feature_pair(features, features_shuffled)
     return lam * (_bce(disc(features), 0.0) + _bce(disc(features_shuffled), 1.0))
 
 
