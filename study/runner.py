@@ -9,10 +9,20 @@ from pathlib import Path
 import nbclient
 import nbformat
 import papermill
+from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 from tqdm import tqdm
 
 from study import config
+
+
+class IPCKernelManager(AsyncKernelManager):
+    """Kernels on local IPC sockets instead of TCP: the kernels are local anyway, and ipykernel then
+    does not warn about unencrypted TCP on every run."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("transport", "ipc")
+        super().__init__(**kwargs)
 
 
 class UsageError(ValueError):
@@ -100,7 +110,7 @@ def run_notebook(
     try:
         papermill.execute_notebook(
             str(notebook), str(partial), parameters=parameters, cwd=str(notebook.parent),
-            progress_bar=progress, log_output=False, kernel_name="python3",
+            progress_bar=progress, log_output=False, kernel_name="python3", kernel_manager_class=IPCKernelManager,
         )
     except PapermillExecutionError as error:
         failed = runs_dir / f"{notebook.stem}.failed.ipynb"
@@ -158,7 +168,8 @@ def refresh_notebook(name: str | Path, timeout: int = 1800) -> Path:
     os.environ.setdefault("STUDY_PROGRESS", "0")
     nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(notebook.parent)}}
+        nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(notebook.parent)}},
+        kernel_manager_class=IPCKernelManager,
     )
     client.execute()
     for cell in nb.cells:
