@@ -616,10 +616,13 @@ def explain(model: nn.Module | None, images: torch.Tensor, targets, method: str,
         model = None
     else:
         _require_model(model, method)
+    home = images.device
     if model is not None:
         parameter = next(iter(model.parameters()), None)
-        if parameter is not None and parameter.is_floating_point() and images.dtype != parameter.dtype:
-            images = images.to(parameter.dtype)  # e.g. float64 images on a float32 model, as the metrics do
+        if parameter is not None and parameter.is_floating_point():
+            # images meet the model on its device and dtype (e.g. float64 CPU images, float32 CUDA model), as the
+            # metrics do; the maps come back where the images were
+            images = images.to(device=parameter.device, dtype=parameter.dtype)
     with _frozen_eval(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\s*Setting (forward, )?backward hooks", category=UserWarning)
         targets = _as_targets(targets, model, images)
@@ -637,7 +640,7 @@ def explain(model: nn.Module | None, images: torch.Tensor, targets, method: str,
         raise ValueError(f"method {method!r} returned shape {tuple(maps.shape)} for images {tuple(images.shape)}")
     if not torch.isfinite(maps).all():
         raise ValueError(f"method {method!r} produced NaN/Inf maps")
-    return maps.detach().to(dtype=torch.float32, device=images.device)
+    return maps.detach().to(dtype=torch.float32, device=home)
 
 
 def _slice_options(function: Callable, options: dict, start: int, stop: int, total: int) -> dict:
