@@ -405,6 +405,11 @@ def test_few_shot_rules_compare_paired_images_with_the_right_reference():
     flipped[np.flatnonzero(~epoch)[:10]] = True  # gap of 5 points exactly, with noise: straddles the threshold
     near = {**same, ("S3", "k=10"): per_image(flipped)}
     assert verdicts(P.findings(None, seeds(S3=around(20)), few_shot_images=near))[K10] == "inconclusive"
+    swapped = epoch.copy()  # as many images lost as gained: a gap of 0 with noise straddles the threshold 0
+    swapped[np.flatnonzero(~epoch)[:5]] = True
+    swapped[np.flatnonzero(epoch)[:5]] = False
+    mixed = {**same, ("S3", "N=2"): per_image(swapped)}
+    assert verdicts(P.findings(None, seeds(S3=around(20)), few_shot_images=mixed))[FEW] == "inconclusive"
     no_epoch = {key: value for key, value in same.items() if key[1] != "1 epoch"}
     row = next(r for r in P.findings(None, seeds(S3=around(20)), few_shot_images=no_epoch) if r["claim"] == K10)
     assert row["verdict"] == "not tested" and "1-epoch" in row["this_run"]
