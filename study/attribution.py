@@ -2,6 +2,7 @@
 
 `explain(model, images, targets, method, **options)` returns a (B, 1, H, W) float32 map on the
 images' device for every name in `METHODS`. Captum computes the attributions wherever it can;
+LRP and Deep Taylor use zennit (rules per layer, BatchNorm and ResNet canonizers);
 RISE, the controls and the post-processing are small torch functions written here.
 
 Targets are a python int, an integer tensor of shape (B,), or None, meaning the class the model
@@ -27,6 +28,7 @@ gradcam                       "sum"                   already one channel (ident
 occlusion                     "mean"                  every channel of a window gets the same drop, so the
                                                       mean is that drop (x ⊙ w per pixel on a linear model)
 lrp_epsilon, lrp_alpha1beta0  "sum"                   signed; keeps relevance conservation
+deep_taylor                   "sum"                   (zennit; BatchNorm and ResNet blocks canonized)
 rise and every control        "sum"                   already one channel (identity)
 ============================  ======================  =================================================
 
@@ -50,7 +52,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import (
-    LRP,
     DeepLift,
     GuidedBackprop,
     InputXGradient,
@@ -62,8 +63,16 @@ from captum.attr import (
     Saliency,
 )
 from captum.attr._utils.approximation_methods import SUPPORTED_METHODS as _IG_APPROXIMATIONS
-from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
 from torch import nn
+from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
+from zennit.core import Composite, collect_leaves
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass, ZBox, ZPlus
+from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+from zennit.types import Activation, AvgPool
+from zennit.types import BatchNorm as ZennitBatchNorm
+from zennit.types import Convolution as ZennitConvolution
+from zennit.types import Linear as ZennitLinear
 
 from study.models import get_layer
 
@@ -363,70 +372,254 @@ def _occlusion(model, images, targets, *, window=4, stride=None, baseline="zero"
     return _reduce(attributions, reduce)
 
 
-# --------------------------------------------------------------------------- LRP
+# --------------------------------------------------------------------------- LRP and Deep Taylor (zennit)
+#
+# zennit registers one rule per layer as backward hooks; `_lrp` puts them on the model, computes the
+# modified gradient of the target logit (the relevance starts as the logit itself, so with zero biases
+# Σ map = logit_t), and takes every hook and canonizer off again in a `finally`. Rules by layer type:
+#
+#   Conv/Linear            the method's rule (ε, z⁺ = α1β0; Deep Taylor: zB on the first one, z⁺ elsewhere)
+#   BatchNorm after a      merged into that layer (weights and bias rescaled) and made the identity, which
+#     Conv/Linear          passes relevance unchanged (zennit's SequentialMergeBatchNorm, with ε = 0)
+#   other BatchNorm        (MiniVGG's Conv–ReLU–BN) rewritten as the affine map it computes in eval mode and
+#                          given the method's rule, like any layer with a weight and a bias (`_AffineBatchNorm`)
+#   residual sum           torchvision BasicBlock/Bottleneck (torchvision ResNets, SmallResNet18, ResNetLike)
+#                          get zennit's canonizers: the `identity + out` becomes a Sum module, which splits
+#                          the relevance in proportion to the two terms (Norm rule)
+#   AvgPool / Adaptive…    Norm (the ε rule without parameters, ε = 1e-6)
+#   activations            Pass (the relevance goes through unchanged)
+#   input normaliser       Pass: a parameter-free module with `mean` and `std` tensors (e.g. tomsett2020's
+#                          Standardise in front of the CIFAR MiniVGG) is part of the input, not a layer
+#   MaxPool, Dropout,      the plain gradient (max pooling sends the relevance to the maximum; the others
+#     Flatten, Identity      are the identity in eval mode)
 
-_LRP_WEIGHTED = (nn.Conv2d, nn.Linear)
-_LRP_PASS_THROUGH = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
-_LRP_ACTIVATIONS = (nn.ReLU, nn.Dropout)
+class _ExactMergeBatchNorm(SequentialMergeBatchNorm):
+    """zennit's SequentialMergeBatchNorm (a BatchNorm right after a Conv/Linear, in module order, is folded
+    into that layer and left computing x / √(1 + ε)), and also ε = 0 while merged, so that the left-over
+    BatchNorm is exactly the identity; `remove` restores ε with the tensors."""
+
+    def register(self, linears, batch_norm):
+        self.eps = batch_norm.eps
+        super().register(linears, batch_norm)
+        batch_norm.eps = 0.0
+
+    def remove(self):
+        super().remove()
+        self.batch_norm.eps = self.eps
+
+
+class _AffineBatchNorm(Canonizer):
+    """A BatchNorm that follows no Conv/Linear layer (MiniVGG's Conv–ReLU–BN order) cannot be merged into
+    one. In eval mode it is the elementwise affine map y = a·x + b with a = γ/√(σ² + ε) and b = β − μ·a:
+    this canonizer writes a and b into its weight and bias and sets μ = 0, σ² = 1, ε = 0 (same output),
+    so that the ε / z⁺ rules see the map's own weight and bias; `remove` puts the original tensors and ε
+    back. `modules` lists the BatchNorms it rewrote (they get the method's rule; merged ones get Pass)."""
+
+    def __init__(self, modules: list | None = None):
+        self.modules = [] if modules is None else modules
+        self.batch_norm, self.saved = None, None
+
+    def apply(self, root_module):
+        instances, previous = [], None
+        for leaf in collect_leaves(root_module):
+            if isinstance(leaf, ZennitBatchNorm) and not isinstance(previous, ZennitLinear):
+                instance = _AffineBatchNorm(self.modules)
+                instance.register(leaf)
+                instances.append(instance)
+            previous = leaf
+        return instances
+
+    def register(self, batch_norm):
+        self.batch_norm = batch_norm
+        self.saved = {key: getattr(batch_norm, key).data for key in ("weight", "bias", "running_mean", "running_var")}
+        self.saved["eps"] = batch_norm.eps
+        scale = batch_norm.weight.data / (batch_norm.running_var.data + batch_norm.eps).sqrt()
+        batch_norm.bias.data = batch_norm.bias.data - batch_norm.running_mean.data * scale
+        batch_norm.weight.data = scale
+        batch_norm.running_mean.data = torch.zeros_like(batch_norm.running_mean.data)
+        batch_norm.running_var.data = torch.ones_like(batch_norm.running_var.data)
+        batch_norm.eps = 0.0
+        self.modules.append(batch_norm)
+
+    def remove(self):
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(self.batch_norm, key).data = self.saved[key]
+        self.batch_norm.eps = self.saved["eps"]
+        self.modules.remove(self.batch_norm)
+
+    def copy(self):
+        return _AffineBatchNorm(self.modules)
+
+
+def _is_normaliser(module: nn.Module) -> bool:
+    return (not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children())
+            and isinstance(getattr(module, "mean", None), torch.Tensor)
+            and isinstance(getattr(module, "std", None), torch.Tensor))
 
 
 def _lrp_layers(model: nn.Module) -> list[nn.Module]:
-    """The leaf layers of a supported model, or ValueError saying what is unsupported."""
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"LRP supports nn.Sequential models only (no residual connections); got {type(model).__name__}")
-    leaves, seen = [], set()
+    """The layers that get the method's rule (Conv/Linear and BatchNorm), in module order, or ValueError
+    for a model the LRP methods cannot explain (no Conv/Linear layer, a BatchNorm without affine
+    parameters or running statistics)."""
+    layers = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            continue
-        if id(module) in seen:
-            raise ValueError(f"LRP: layer {name!r} is used more than once")
-        seen.add(id(module))
-        if not isinstance(module, _LRP_WEIGHTED + _LRP_PASS_THROUGH + _LRP_ACTIVATIONS):
-            supported = [cls.__name__ for cls in _LRP_WEIGHTED + _LRP_PASS_THROUGH + _LRP_ACTIVATIONS]
-            raise ValueError(f"LRP does not support layer {name!r} of type {type(module).__name__}; supported: {supported}")
-        if isinstance(module, nn.ReLU) and module.inplace:
-            raise ValueError(f"LRP needs non-inplace ReLU; layer {name!r} has inplace=True")
-        leaves.append(module)
-    return leaves
+        if isinstance(module, ZennitBatchNorm):
+            if module.weight is None or module.bias is None:
+                raise ValueError(f"LRP needs BatchNorm layers with affine parameters; layer {name!r} has affine=False")
+            if module.running_mean is None or module.running_var is None:
+                raise ValueError(f"LRP needs BatchNorm layers with running statistics; layer {name!r} has "
+                                 "track_running_stats=False (it normalises with batch statistics even in eval mode)")
+            layers.append(module)
+        elif isinstance(module, (ZennitConvolution, nn.Linear)):
+            layers.append(module)
+    if not any(isinstance(layer, (ZennitConvolution, nn.Linear)) for layer in layers):
+        raise ValueError(f"LRP needs a model with Conv or Linear layers; {type(model).__name__} has none")
+    return layers
 
 
-def _lrp(model, images, targets, weighted_rule: Callable[[], object], epsilon: float, reduce) -> torch.Tensor:
-    layers = _lrp_layers(model)
-    previous = {layer: layer.rule for layer in layers if hasattr(layer, "rule")}
+def _bound(value, name: str) -> torch.Tensor:
+    """`low` / `high` of Deep Taylor: a number, one number per channel, or a tensor broadcastable to the
+    first layer's input; returned as a float tensor ((1, C, 1, 1) for a per-channel sequence)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, a per-channel sequence or a tensor, got a bool")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        tensor = torch.tensor(float(value))
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=torch.float32)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must hold numbers, got {value!r}") from error
+        if tensor.ndim != 1 or tensor.numel() == 0:
+            raise ValueError(f"{name} as a sequence must be one number per channel, got shape {tuple(tensor.shape)}")
+        tensor = tensor.view(1, -1, 1, 1)
+    elif isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)) or value.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty real tensor, got dtype {value.dtype}")
+        tensor = value.detach().float()
+    else:
+        raise ValueError(f"{name} must be a number, a per-channel sequence or a tensor, got {type(value).__name__}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return tensor
+
+
+def _lrp(model, images, targets, rule: Callable[[], object], reduce, first_rule: Callable[[], object] | None = None,
+         first_check: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Relevance of the target logits under `rule` (and `first_rule` on the first Conv/Linear in module
+    order), with the canonizers above; hooks and canonizers are removed afterwards, also on errors."""
+    _lrp_layers(model)
+    _reduce(images[:0], reduce)  # bad `reduce` fails before any work
+    affine = []
+    first = {}
+
+    def module_map(ctx, name, module):
+        if isinstance(module, ZennitBatchNorm):
+            return rule() if any(module is bn for bn in affine) else Pass()
+        if isinstance(module, Activation) or _is_normaliser(module):
+            return Pass()
+        if isinstance(module, (Sum, AvgPool)):
+            return Norm(stabilizer=1e-6)
+        if isinstance(module, (ZennitConvolution, nn.Linear)):
+            if first_rule is not None and not first:
+                first.update(name=name, module=module)
+                return first_rule()
+            return rule()
+        return None
+
+    canonizers = [_ExactMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(),
+                  _AffineBatchNorm(affine)]
+    composite = Composite(module_map=module_map, canonizers=canonizers)
+    calls: dict[nn.Module, int] = {}
+    handles = []
     try:
-        for layer in layers:
-            if isinstance(layer, _LRP_WEIGHTED):
-                layer.rule = weighted_rule()
-            elif isinstance(layer, _LRP_PASS_THROUGH):
-                layer.rule = EpsilonRule(epsilon)
-        attributions = LRP(model).attribute(images, target=targets)
+        composite.register(model)
+        for name, module in model.named_modules():
+            if isinstance(module, (ZennitConvolution, nn.Linear)) or any(module is bn for bn in affine):
+                def count(module, args, name=name):
+                    calls[module] = calls.get(module, 0) + 1
+                    if calls[module] > 1:
+                        raise ValueError(f"LRP: layer {name!r} is called more than once in a forward pass; a rule "
+                                         "stores one input per layer, so shared layers are not supported")
+                handles.append(module.register_forward_pre_hook(count))
+        if first_check is not None and first:
+            handles.append(first["module"].register_forward_pre_hook(
+                lambda _module, args: first_check(first["name"], args[0])))
+        output = model(images)
+        if output.ndim != 2 or output.shape[0] != images.shape[0]:
+            raise ValueError(f"LRP needs a model output of shape (B, classes), got {tuple(output.shape)}")
+        if targets is None:
+            targets = output.argmax(dim=1)
+        start = torch.zeros_like(output).scatter_(1, targets[:, None], output.gather(1, targets[:, None]).detach())
+        (relevance,) = torch.autograd.grad(output, images, grad_outputs=start)
     finally:
-        for layer in layers:
-            if hasattr(layer, "rule"):
-                del layer.rule
-        for layer, rule in previous.items():
-            layer.rule = rule
-    return _reduce(attributions, reduce)
+        for handle in handles:
+            handle.remove()
+        composite.remove()
+    return _reduce(relevance, reduce)
 
 
 def _lrp_epsilon(model, images, targets, *, epsilon=1e-6, reduce="sum"):
-    """ε-LRP (captum LRP, EpsilonRule(ε) on every Conv2d/Linear/pooling/Flatten layer).
+    """ε-LRP (zennit Epsilon(ε) on every Conv/Linear layer and unmerged BatchNorm; see the table above
+    for the other layers and the canonizers).
 
-    Supported models: nn.Sequential (nested Sequentials allowed) of Conv2d, Linear, ReLU (not
-    inplace), Dropout, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity — e.g.
-    study.models.SmallCNN. Not supported (ValueError): BatchNorm (MiniVGG), residual connections
-    and any non-Sequential forward (SmallResNet18), other layer types. Relevance is conserved up
-    to what biases and ε absorb: with zero biases Σ map ≈ logit_t.
+    Works on torchvision VGG (with or without BatchNorm) and ResNet (BasicBlock / Bottleneck) models and
+    on the study's own models: SmallCNN, MiniVGG (BatchNorm after ReLU), SmallResNet18, VGGLike,
+    ResNetLike, also behind a parameter-free normaliser with `mean`/`std` tensors. ValueError for a model
+    with no Conv/Linear layer, BatchNorm without affine parameters or running statistics, or a layer
+    called twice in one forward. Relevance is conserved up to what biases and ε absorb: with zero
+    biases Σ map ≈ logit_t. A residual addition written as `a + b` in a custom forward (not a
+    torchvision block) is differentiated, not split: both terms receive the whole relevance.
     """
     epsilon = _positive_float(epsilon, "epsilon")
-    return _lrp(_require_model(model, "lrp_epsilon"), images, targets, lambda: EpsilonRule(epsilon), epsilon, reduce)
+    return _lrp(_require_model(model, "lrp_epsilon"), images, targets, lambda: Epsilon(epsilon=epsilon), reduce)
 
 
 def _lrp_alpha1beta0(model, images, targets, *, reduce="sum"):
-    """LRP-α1β0 (deep Taylor; captum Alpha1_Beta0_Rule on every Conv2d/Linear, LRP-0 — EpsilonRule
-    with ε = 1e-9 — on pooling/Flatten). Same supported models as `lrp_epsilon`. Deviation from
-    Vandersmissen's zB rule on the first layer: captum has no zB rule, so α1β0 is used there too."""
-    return _lrp(_require_model(model, "lrp_alpha1beta0"), images, targets, Alpha1_Beta0_Rule, 1e-9, reduce)
+    """LRP-α1β0 = z⁺ (zennit ZPlus: positive contributions x⁺·w⁺ + x⁻·w⁻ only, stabiliser 1e-6) on every
+    Conv/Linear layer and unmerged BatchNorm, including the first layer; same models and canonizers as
+    `lrp_epsilon`. Relevance is conserved where every layer's positive contributions are non-zero and
+    the biases are zero (a positive bias joins the denominator and absorbs its share)."""
+    return _lrp(_require_model(model, "lrp_alpha1beta0"), images, targets, lambda: ZPlus(stabilizer=1e-6), reduce)
+
+
+def _deep_taylor(model, images, targets, *, low=0.0, high=1.0, reduce="sum"):
+    """Deep Taylor decomposition (Montavon et al. 2017): the zB rule (zennit ZBox) on the first Conv/Linear
+    layer in module order, z⁺ on every other Conv/Linear and unmerged BatchNorm; canonizers and the
+    other layers as `lrp_epsilon`.
+
+    `low` / `high`: the lowest and highest values the first layer's input can take — a number, one
+    number per channel, or a tensor broadcastable to that input. Defaults 0 and 1 suit [0, 1] pixels;
+    for standardised images pass (0 − mean)/std and (1 − mean)/std per channel. A model that
+    standardises inside (a normaliser module in front) still needs the bounds of the standardised
+    input, which is what the first layer sees. ValueError if low ≥ high anywhere or if the first
+    layer's input leaves [low, high] (beyond a 1e-5 relative tolerance).
+    """
+    low_t, high_t = _bound(low, "low"), _bound(high, "high")
+    try:
+        torch.broadcast_shapes(low_t.shape, high_t.shape)
+    except RuntimeError as error:
+        raise ValueError(f"low and high must broadcast together, got shapes {tuple(low_t.shape)} and "
+                         f"{tuple(high_t.shape)}") from error
+    if not (low_t < high_t).all():
+        raise ValueError(f"low must be below high everywhere, got low={low!r}, high={high!r}")
+
+    def check(name, x):
+        try:
+            lo = low_t.to(x).expand_as(x) if low_t.ndim else low_t.to(x)
+            hi = high_t.to(x).expand_as(x) if high_t.ndim else high_t.to(x)
+        except RuntimeError as error:
+            raise ValueError(f"deep_taylor: low/high of shapes {tuple(low_t.shape)}, {tuple(high_t.shape)} do not "
+                             f"broadcast to the input of the first layer {name!r}, {tuple(x.shape)}") from error
+        x = x.detach()
+        tolerance = 1e-5 * max(1.0, float(low_t.abs().max()), float(high_t.abs().max()))
+        if bool((x < lo - tolerance).any() or (x > hi + tolerance).any()):
+            raise ValueError(f"deep_taylor: the input of the first layer {name!r} spans [{float(x.min()):.4g}, "
+                             f"{float(x.max()):.4g}], outside [low, high]; pass low/high = that input's range "
+                             "(0 and 1 for [0, 1] pixels, (0 − mean)/std and (1 − mean)/std per channel for "
+                             "standardised images)")
+
+    return _lrp(_require_model(model, "deep_taylor"), images, targets, lambda: ZPlus(stabilizer=1e-6), reduce,
+                first_rule=lambda: ZBox(low=low_t, high=high_t, stabilizer=1e-6), first_check=check)
 
 
 # --------------------------------------------------------------------------- RISE
@@ -588,6 +781,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "occlusion": _occlusion,
     "lrp_epsilon": _lrp_epsilon,
     "lrp_alpha1beta0": _lrp_alpha1beta0,
+    "deep_taylor": _deep_taylor,
     "rise": _rise,
     "random": _random,
     "sobel": _sobel,
