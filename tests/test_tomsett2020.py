@@ -86,12 +86,13 @@ def test_digits_model_learns_and_every_method_is_available(run):
     assert all(m.shape == (6, 1, 16, 16) for m in run["maps"].values())
 
 
-def test_lrp_is_skipped_where_batch_norm_forbids_it():
+def test_lrp_runs_on_the_batch_norm_mini_vgg_of_the_cifar_path():
     torch.manual_seed(0)
     model = t.build_model("synth_cifar", 3, 10, 32, width=4).eval()
     images = torch.rand(2, 3, 32, 32)
     maps, skipped = t.compute_maps(model, images, torch.tensor([1, 2]), {"gradient": {}, "lrp_epsilon": {}})
-    assert list(maps) == ["gradient"] and list(skipped) == ["lrp_epsilon"] and "BatchNorm" in skipped["lrp_epsilon"]
+    assert list(maps) == ["gradient", "lrp_epsilon"] and not skipped
+    assert torch.isfinite(maps["lrp_epsilon"]).all() and maps["lrp_epsilon"].shape == (2, 1, 32, 32)
 
 
 def _write_cifar_fixture(folder, per_batch=6):
