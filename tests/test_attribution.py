@@ -7,7 +7,7 @@ from torch import nn
 
 import study  # noqa: F401  (before torchvision)
 from study import attribution as A
-from study.models import MiniVGG, SmallCNN, SmallResNet18
+from study.models import SmallCNN
 
 
 def linear_model(channels=2, size=8, classes=3, seed=0, positive=False):
