@@ -121,6 +121,16 @@ def test_prefill_trains_in_worker_processes_and_train_all_loads_from_the_cache(s
         v.experiment_settings("smoke", workers=0)
 
 
+def test_selection_cost_reads_the_selected_and_last_epoch():
+    fit = v.train.FitResult(model=None, history=[{"valid_auc": 0.2}, {"valid_auc": 0.6}, {"valid_auc": 0.9}],
+                            best_epoch=1)
+    cost = v.selection_cost([{"method": "masked", "seed": 0, "fit": fit}, {"method": "masked", "seed": 1, "fit": fit}])
+    assert cost.loc["masked", "valid_auc_selected"] == 0.6 and cost.loc["masked", "valid_auc_last"] == 0.9
+    assert cost.loc["masked", "selected_epochs"] == [1, 1]
+    with pytest.raises(ValueError, match="no selected epoch"):
+        v.selection_cost([{"method": "masked", "seed": 0, "fit": v.train.FitResult(model=None, history=fit.history)}])
+
+
 def test_fit_adversarial_counts_encoder_steps_over_the_run(smoke):
     arrays = v.load_splits(v.SYNTHETIC, 0, smoke)
     config.seed_everything(0)

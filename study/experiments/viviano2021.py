@@ -499,6 +499,27 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def selection_cost(runs: list[dict]) -> pd.DataFrame:
+    """Per method, mean over seeds of the validation AUC (valid is flipped like test, Q4) at the
+    epoch the rule selected and at the last epoch, and the selected epochs: what the selection rule
+    (lowest valid CE after the burn-in) costs against simply keeping the last epoch."""
+    rows = []
+    for run in runs:
+        history = run["fit"].history
+        if not history or "valid_auc" not in history[-1]:
+            raise ValueError(f"run {run['method']}/{run['seed']} has no per-epoch validation AUC in its history")
+        best = run["fit"].best_epoch
+        if best is None or not 0 <= best < len(history):
+            raise ValueError(f"run {run['method']}/{run['seed']} has no selected epoch inside its history")
+        rows.append({"method": run["method"], "seed": run["seed"], "selected_epoch": best,
+                     "valid_auc_selected": history[best]["valid_auc"], "valid_auc_last": history[-1]["valid_auc"]})
+    table = pd.DataFrame(rows)
+    out = table.groupby("method").agg(selected_epochs=("selected_epoch", list),
+                                      valid_auc_selected=("valid_auc_selected", "mean"),
+                                      valid_auc_last=("valid_auc_last", "mean"))
+    return out.loc[[m for m in METHODS if m in out.index]]
+
+
 def timing_note(table: pd.DataFrame, s: dict) -> str:
     """Training cost per method, as measured when each model was trained (kept in the cached
     history): wall and CPU seconds per epoch. CPU time of one thread is what a quiet machine needs;
