@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ast
 import os
+import uuid
 from pathlib import Path
 
 import nbclient
 import nbformat
 import papermill
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 from papermill.exceptions import PapermillExecutionError
 from tqdm import tqdm
 
@@ -22,6 +24,10 @@ class IPCKernelManager(AsyncKernelManager):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("transport", "ipc")
+        # a socket path of its own per kernel (the default, ./kernel-ipc-N, collides between concurrent
+        # kernels and litters the working directory); jupyter_client removes the files at shutdown
+        kwargs.setdefault("ip", str(Path(jupyter_runtime_dir()) / f"study-kernel-{uuid.uuid4().hex[:12]}"))
+        Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
         super().__init__(**kwargs)
 
 

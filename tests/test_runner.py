@@ -19,6 +19,7 @@ def test_smoke_run_of_the_tour(tmp_path):
     done = _study("run", "00_tour", "-p", "profile", "smoke", "-p", "seed", "3", "--output-dir", "runs/x", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "without encryption" not in done.stderr  # kernels on IPC, not TCP
+    assert not list(config.NOTEBOOKS_DIR.glob("kernel-ipc*"))  # sockets per kernel in the runtime dir, removed after
     tmp_path = tmp_path / "runs" / "x"
     executed = nbformat.read(tmp_path / "00_tour.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
