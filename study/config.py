@@ -25,7 +25,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     "smoke": {
         "vandersmissen2024": {"n_train": 128, "n_test": 32, "epochs": 1, "n_images": 5, "steps": 4, "ig_steps": 8,
                               "smoothgrad_samples": 2, "rise_masks": 32, "batch_size": 256},
-        "tour": {"n_train": 256, "n_test": 64, "image_size": 32, "epochs": 2, "width": 8, "n_explain": 4},
+        "tour": {"n_train": 256, "n_test": 64, "image_size": 32, "epochs": 2, "width": 8, "n_explain": 4, "n_scored": 16},
         "phang2020": {"n_train": 160, "n_trainval": 48, "n_test": 48, "epochs": 2, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 16, "steps": 3, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
                       "rows": {"S1": 1, "S2": 1, "S3": 1, "S4": 1, "S5": 1, "S6": 1, "S7": 1, "S8": 1, "S9": 1, "S10": 1},
@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "vandersmissen2024": {"n_train": 1500, "n_test": 300, "epochs": 8, "n_images": 24, "steps": 16, "ig_steps": 50,
                               "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 256},
-        "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6},
+        "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6, "n_scored": 100},
         "phang2020": {"n_train": 3000, "n_trainval": 500, "n_test": 500, "epochs": 8, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 32, "steps": 100, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
                       "rows": {"S1": 5, "S2": 5, "S3": 5, "S4": 5, "S5": 5, "S6": 5, "S7": 3, "S8": 3, "S9": 3, "S10": 3},
@@ -89,7 +89,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     "paper": {
         "vandersmissen2024": {"n_train": 3000, "n_test": 500, "epochs": 12, "n_images": 300, "steps": 100, "ig_steps": 50,
                               "smoothgrad_samples": 10, "rise_masks": 1000, "batch_size": 512},
-        "tour": {"n_train": 10000, "n_test": 2000, "image_size": 64, "epochs": 20, "width": 32, "n_explain": 8},
+        "tour": {"n_train": 10000, "n_test": 2000, "image_size": 64, "epochs": 20, "width": 32, "n_explain": 8, "n_scored": 500},
         "phang2020": {"n_train": 12000, "n_trainval": 2000, "n_test": 2000, "epochs": 12, "widths": [16, 32, 64, 128],
                       "stem_stride": 1, "hidden": 32, "steps": 3000, "batch_size": 72, "lr": 1e-3, "classifier_lr": 1e-3,
                       "rows": {"S1": 3, "S2": 3, "S3": 3, "S4": 3, "S5": 3, "S6": 3, "S7": 3, "S8": 3, "S9": 3, "S10": 3},
@@ -151,9 +151,14 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or a torch.device, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda[:N]' or another torch device string") from None
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
