@@ -18,15 +18,26 @@ The real-data path of the Vandersmissen card (§6), shared with notebook 03:
   image and its boxes move exactly alike: scale r = 256 / min(W, H), shift
   s = ((W·r − 224)/2, (H·r − 224)/2), x' = x·r − s_x, clipped to [0, 224) (card §6). PIL's
   antialiased bilinear resampling reads the source window [s/r, (s + 224)/r).
+
+The "bring your own classifier and images" path reuses all of it:
+
+* `load_image_folder`: an ImageFolder tree (`torchvision.datasets.ImageFolder`: one sub-folder of
+  images per class, classes in sorted order), optional Pascal-VOC XML boxes beside the images
+  (same stem, `.xml`), decoded and cropped exactly as above.
+* `torchvision_model`: any torchvision classification architecture (`torchvision.models.list_models`)
+  with a state-dict file, its class count checked against the data's; `input_settings`: the
+  architecture's own resize / crop / mean / std (from its torchvision weights entry), or parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import re
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,34 +248,266 @@ def _crop_boxes(note: dict, index: dict[str, int], resize: int, crop: int) -> tu
 
 
 def imagenet_model(arch: str, weights_path, device: str | torch.device = "cpu") -> nn.Module:
-    """torchvision's `vgg16` or `resnet50` with a state-dict file from disk (no download).
+    """torchvision's `vgg16` or `resnet50` with a 1,000-class state-dict file from disk (no
+    download): `torchvision_model` restricted to the two ImageNet architectures of the papers.
 
     VGG16 is returned as an nn.Sequential (features, avgpool, flatten, classifier) sharing the
     loaded parameters, with non-inplace ReLUs, so captum's LRP applies; its `gradcam_layer` is
     "features.29" (the ReLU after the last conv). ResNet50's is "layer4".
     """
-    from torchvision import models
-
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown ImageNet architecture {arch!r}; choose one of {ARCHITECTURES}")
-    path = Path(weights_path) if weights_path is not None else None
-    if path is None or not path.is_file():
-        raise ValueError(f"weights_path must be a torchvision state-dict file for {arch}, got {weights_path!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
+    return torchvision_model(arch, weights_path, 1000, device, classes_from="the 1,000 ImageNet classes")
+
+
+def classification_architectures() -> list[str]:
+    """The names of torchvision's image classification models (`torchvision.models.list_models`)."""
+    from torchvision import models
+
+    return list(models.list_models(module=models))
+
+
+def check_architecture(model) -> str:
+    """`model` if it names a torchvision classification architecture, else ValueError naming `model`."""
+    names = classification_architectures()
+    if not isinstance(model, str) or model not in names:
+        close = [n for n in names if isinstance(model, str) and model.lower()[:4] in n][:6]
+        raise ValueError(f"model={model!r} is not a torchvision classification architecture; choose one of "
+                         f"torchvision.models.list_models(module=torchvision.models)"
+                         f"{' such as ' + ', '.join(close) if close else ' (resnet18, vgg11_bn, densenet121, ...)'}")
+    return model
+
+
+def input_settings(model: str, image_size: int | None = None, mean=None, std=None) -> dict:
+    """Resize / crop / normalisation for `model`: the preset of its torchvision weights entry
+    (`ImageClassification`: crop 224, resize 256, ImageNet mean and std for most; e.g. 299 / 342
+    for inception_v3), with `image_size` replacing the crop (the resize keeps the preset's ratio,
+    e.g. 64 → 73) and `mean` / `std` (three numbers) replacing the normalisation.
+    Returns {"resize", "crop", "mean", "std"}."""
+    from torchvision import models
+
+    preset = models.get_model_weights(check_architecture(model)).DEFAULT.transforms
+    defaults = {name: p.default for name, p in inspect.signature(preset.func).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(preset.keywords)
+    crop, resize = int(defaults["crop_size"]), int(defaults.get("resize_size", 256))
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 2048:
+            raise ValueError(f"image_size must be an int in [8, 2048] (the side of the centre crop), "
+                             f"got {image_size!r}")
+        resize, crop = max(int(image_size), round(int(image_size) * resize / crop)), int(image_size)
+    out = {"resize": resize, "crop": crop}
+    for name, value, default in (("mean", mean, defaults["mean"]), ("std", std, defaults["std"])):
+        value = default if value is None else value
+        try:
+            array = np.asarray(value, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            array = np.array([])
+        if array.shape != (3,) or not np.isfinite(array).all() or (name == "std" and (array <= 0).any()):
+            positive = ", positive" if name == "std" else ""
+            raise ValueError(f"{name} must be three finite numbers (one per RGB channel{positive}), got {value!r}")
+        out[name] = tuple(float(v) for v in array)
+    return out
+
+
+def _state_dict(path: Path) -> Mapping:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a state-dict file"
+        raise ValueError(f"weights_path {path} cannot be read by torch.load(..., weights_only=True) as a state dict: "
+                         f"{error}") from error
+    if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
-    net = getattr(models, arch)(weights=None)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights_path {path} holds a {type(state).__name__}, not a state dict (names → tensors, as "
+                         "model.state_dict() returns)")
+    if all(str(k).startswith("module.") for k in state):  # saved from nn.DataParallel
+        state = {str(k)[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _head_keys(net: nn.Module, num_classes: int) -> set[str]:
+    """The parameter names of the layers with `num_classes` outputs (the classifier heads)."""
+    keys = set()
+    for name, module in net.named_modules():
+        outputs = getattr(module, "out_features", getattr(module, "out_channels", None))
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and outputs == num_classes:
+            keys |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return keys
+
+
+def gradcam_layer(net: nn.Module, image_size: int = 224) -> str | None:
+    """The layer Grad-CAM reads: for a VGG-style `features` stack, the ReLU after its last conv;
+    otherwise the last module (holding a conv) called once in the forward pass whose output is a
+    spatial map larger than 1 × 1 (found with forward hooks on a blank image): `layer4` of a ResNet,
+    `features` of DenseNet / EfficientNet / MobileNet. None when there is none (the attribution
+    registry then uses the last nn.Conv2d)."""
+    features = getattr(net, "features", None)
+    if isinstance(features, nn.Sequential) and isinstance(getattr(net, "classifier", None), nn.Sequential):
+        relus = [i for i, m in enumerate(features) if isinstance(m, nn.ReLU)]
+        convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+        if convs and relus and relus[-1] > convs[-1]:
+            return f"features.{relus[-1]}"
+    records, handles = [], []
+    for name, module in net.named_modules():
+        if name and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: records.append((name, out))))
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, image_size, image_size, device=next(net.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = {}
+    for name, _ in records:
+        calls[name] = calls.get(name, 0) + 1
+    spatial = [name for name, out in records if isinstance(out, torch.Tensor) and out.ndim == 4
+               and out.shape[-1] > 1 and out.shape[-2] > 1 and calls[name] == 1]
+    return spatial[-1] if spatial else None
+
+
+def torchvision_model(arch: str, weights_path, num_classes: int, device: str | torch.device = "cpu", *,
+                      image_size: int = 224, classes_from: str | None = None) -> nn.Module:
+    """A torchvision classification model `arch` (any name of `torchvision.models.list_models`)
+    with `num_classes` outputs and the state dict in `weights_path` (loaded with
+    `torch.load(..., weights_only=True)`; a {"state_dict": ...} wrapper and DataParallel's
+    "module." prefixes are accepted), in eval mode on `device`, with non-inplace ReLUs and
+    `gradcam_layer` set (see `gradcam_layer`). A VGG is returned as an nn.Sequential (features,
+    avgpool, flatten, classifier) sharing the parameters, so that captum's LRP applies to it.
+
+    ValueError naming the parameter: an unknown `model` name; a missing or unreadable
+    `weights_path`; weights whose classifier has another number of outputs than `num_classes`
+    (`classes_from` says where that number came from, e.g. "data_root has 3 class folders");
+    weights of another architecture."""
+    from torchvision import models
+
+    arch = check_architecture(arch)
+    path = Path(weights_path).expanduser() if weights_path is not None else None
+    if path is None or not path.is_file():
+        raise ValueError(f"weights_path must be a state-dict file of a torchvision {arch} "
+                         f"(torch.save(model.state_dict(), path)), got {weights_path!r}")
+    state = _state_dict(path)
+    try:
+        net = models.get_model(arch, weights=None, num_classes=int(num_classes))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model={arch!r} cannot be built with num_classes={num_classes}: {error}") from error
+    expected = net.state_dict()
+    heads = _head_keys(net, int(num_classes))
+    mismatched = {k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)}
+    if set(state) == set(expected) and mismatched and mismatched <= heads:
+        outputs = sorted({int(state[k].shape[0]) for k in mismatched})
+        raise ValueError(f"{classes_from or f'the data have {num_classes} classes'}, but the {arch} in weights_path "
+                         f"{path} has {' / '.join(map(str, outputs))} outputs: the model's outputs must match the "
+                         f"classes (check model={arch!r}, weights_path and the class folders of data_root)")
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{path} is not a torchvision {arch} state dict: {error}") from error
-    if arch == "vgg16":
-        for module in net.modules():
-            if isinstance(module, nn.ReLU):
-                module.inplace = False
+        detail = " ".join(str(error).split())
+        detail = detail[:400] + ("…" if len(detail) > 400 else "")
+        raise ValueError(f"weights_path {path} is not a torchvision {arch} state dict (weights of another "
+                         f"architecture? model={arch!r}): {detail}") from error
+    for module in net.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    if isinstance(net, models.VGG):
         net = nn.Sequential(OrderedDict(features=net.features, avgpool=net.avgpool, flatten=nn.Flatten(),
                                         classifier=net.classifier))
-        net.gradcam_layer = "features.29"
+    net = net.to(device).eval()
+    net.gradcam_layer = gradcam_layer(net, int(image_size))
+    return net
+
+
+def _file_key(paths) -> str:
+    """A digest of the files' names, sizes and modification times (a cache key for data on disk)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, crop: int = 224) -> dict:
+    """Your own images: an ImageFolder tree under `root` (`torchvision.datasets.ImageFolder`: one
+    sub-folder per class; class index = position of the folder name in sorted order), decoded with
+    PIL, Resize(resize) → CenterCrop(crop) as `load_image`.
+
+    Boxes (optional): a Pascal-VOC XML file beside an image (same stem, `.xml`; `parse_annotation`)
+    gives its boxes; an `<object>` whose `<name>` is a class folder's name is a box of that class,
+    any other name gets class −1 (kept, never a target). When at least one XML file exists, the
+    localisation metrics are computed, so only images with a box of their own class inside the crop
+    are kept; the others are dropped and counted (`dropped_no_target_box`, `dropped_files`). With no
+    XML file at all, `localisation` is False, `masks` is None and every image is kept.
+
+    `n_images`: the first ceil(n_images / classes) images of each class (by file name), all when
+    None. Returns the dataset dict of `load_imagenet_boxes` (`images` float32 (N, 3, crop, crop) in
+    [0, 1], `labels`, `boxes`, `boxes_unclipped`, `masks`, `group`, `files`) plus `classes` (the
+    folder names), `localisation` and `data_key` (a digest of the files used and the geometry)."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root).expanduser() if root is not None else None
+    if root is None or not root.is_dir():
+        raise ValueError(f"data_root must be a folder of class sub-folders of images (an ImageFolder tree), "
+                         f"got {str(root) if root is not None else None!r}, which is not a folder")
+    try:
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise ValueError(f"data_root {root} is not an ImageFolder tree (one sub-folder of images per class): "
+                         f"{error}") from error
+    if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer))
+                                 or n_images <= 0):
+        raise ValueError(f"n_images must be a positive int or None, got {n_images!r}")
+    if crop > resize:
+        raise ValueError(f"crop {crop} must not exceed resize {resize}")
+    samples = [(Path(p), int(label)) for p, label in folder.samples]
+    localisation = any(p.with_suffix(".xml").is_file() for p, _ in samples)
+    kept, dropped = [], []
+    for path, label in samples:
+        entry = {"path": path, "label": label, "note": None, "xml": None}
+        if localisation:
+            xml = path.with_suffix(".xml")
+            if not xml.is_file():
+                dropped.append(str(path.relative_to(root)))
+                continue
+            note = parse_annotation(xml)
+            boxes, unclipped = _crop_boxes(note, folder.class_to_idx, resize, crop)
+            if not (boxes[:, 0] == label).any():
+                dropped.append(str(path.relative_to(root)))
+                continue
+            entry.update(note=note, xml=xml, boxes=boxes, unclipped=unclipped)
+        kept.append(entry)
+    if not kept:
+        raise ValueError(f"data_root {root}: XML boxes were found, but no image has a box of its own class inside "
+                         f"the {crop}-px crop; an <object>'s <name> must be the name of the image's class folder "
+                         f"({', '.join(folder.classes[:5])}{', ...' if len(folder.classes) > 5 else ''})")
+    per_class = math.ceil(n_images / len(folder.classes)) if n_images is not None else None
+    picked = []
+    for label in range(len(folder.classes)):
+        members = [e for e in kept if e["label"] == label]
+        picked += members[:per_class] if per_class is not None else members
+    images = []
+    for entry in picked:
+        if entry["note"] is not None:
+            with Image.open(entry["path"]) as image:
+                size = image.size
+            if size != (entry["note"]["width"], entry["note"]["height"]):
+                note = entry["note"]
+                raise ValueError(f"data_root: {entry['xml']} gives the size {note['width']}×{note['height']} but "
+                                 f"the image {entry['path'].name} is {size[0]}×{size[1]}")
+        images.append(load_image(entry["path"], resize, crop))
+    labels = np.array([e["label"] for e in picked], np.int64)
+    if localisation:
+        boxes = [e["boxes"] for e in picked]
+        unclipped = [e["unclipped"] for e in picked]
+        masks = np.zeros((len(picked), 1, crop, crop), bool)
+        for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
+            for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
+                masks[i, 0, y0:y1, x0:x1] = True
     else:
-        net.gradcam_layer = "layer4"
-    return net.to(device).eval()
+        boxes = [np.zeros((0, 5), np.int64) for _ in picked]
+        unclipped, masks = [b.copy() for b in boxes], None
+    files = [e["path"] for e in picked] + [e["xml"] for e in picked if e["xml"] is not None]
+    return {"images": np.stack(images), "labels": labels, "boxes": boxes, "boxes_unclipped": unclipped,
+            "masks": masks, "group": np.zeros(len(picked), np.int64),
+            "files": [str(e["path"].relative_to(root)) for e in picked], "classes": list(folder.classes),
+            "localisation": localisation, "dropped_no_target_box": len(dropped), "dropped_files": dropped,
+            "data_key": f"{_file_key(files)}:{resize}:{crop}"}

@@ -128,7 +128,7 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def supports_lrp(model: torch.nn.Module) -> bool:
-    """LRP α1β0 is run only on sequential networks without batch norm (captum's LRP rules)."""
+    """Whether `study.attribution`'s LRP can explain `model` (LRP α1β0 is skipped where it cannot)."""
     try:
         attribution._lrp_layers(model)
     except ValueError:
@@ -140,12 +140,16 @@ def evaluation_set(prepared: dict, n_images: int) -> dict:
     """The first `n_images` test images: pixel and standardised images, labels (= targets, card Q3),
     boxes and the target-class box masks. An image without a target-class box is left out (the
     loaders already drop and count them in `prepared["dropped_no_target_box"]`; this guards other
-    sources of data)."""
+    sources of data). Data without boxes (`prepared["localisation"]` False: an image folder without
+    XML files) keep every image and have `masks` None: the localisation metrics are skipped."""
     test = prepared["test"]
     n = min(int(n_images), len(test["labels"]))
     images = torch.as_tensor(np.asarray(test["images"][:n]), dtype=torch.float32)
     labels = torch.as_tensor(np.asarray(test["labels"][:n]), dtype=torch.long)
     boxes = [np.asarray(b) for b in test["boxes"][:n]]
+    if not prepared.get("localisation", True):
+        return {"pixels": images, "images": data.standardise(images, prepared["mean"], prepared["std"]),
+                "labels": labels, "boxes": boxes, "masks": None}
     masks = attribution.boxes_to_masks(boxes, images.shape[-2], images.shape[-1], labels.tolist()) > 0
     keep = masks.flatten(1).any(dim=1)  # no target-class box in the image: the pointing game is undefined
     if not bool(keep.any()):
@@ -158,12 +162,13 @@ def evaluation_set(prepared: dict, n_images: int) -> dict:
 
 
 def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_classes: int = 100, resize: int = 256,
-                     crop: int = 224, **overrides) -> dict:
+                     crop: int = 224, mean=None, std=None, **overrides) -> dict:
     """The real-data path (card §6): ImageNet validation images with XML boxes under `data_root`,
     `n_classes` classes drawn with `seed` (or `class_list`) and ceil(n_images / n_classes) images
     per class, Resize(resize) → CenterCrop(crop) (the paper's 256 / 224), ImageNet mean/std
     normalisation. Images whose target-class boxes all fall outside the crop are dropped (the
-    pointing game and the GT-box map need one) and counted in `dropped_no_target_box`."""
+    pointing game and the GT-box map need one) and counted in `dropped_no_target_box`. `mean` /
+    `std`: the normalisation (None: ImageNet's)."""
     from study import imagenet
 
     if data_root is None:
@@ -173,34 +178,108 @@ def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_clas
     arrays = imagenet.load_imagenet_boxes(data_root, n_classes=None if class_list is not None else n_classes,
                                           per_class=math.ceil(s["n_images"] / n_classes), class_list=class_list,
                                           seed=seed, resize=resize, crop=crop, require_target_box=True)
+    mean = imagenet.IMAGENET_MEAN if mean is None else mean
+    std = imagenet.IMAGENET_STD if std is None else std
     return {"settings": s, "dataset": "imagenet", "train": None, "test": arrays, "class_list": arrays["class_list"],
-            "dropped_no_target_box": arrays["dropped_no_target_box"],
-            "mean": np.array(imagenet.IMAGENET_MEAN), "std": np.array(imagenet.IMAGENET_STD),
-            "image_size": arrays["images"].shape[-1], "num_classes": len(arrays["wnids"])}
+            "dropped_no_target_box": arrays["dropped_no_target_box"], "localisation": True,
+            "mean": np.array(mean, np.float64), "std": np.array(std, np.float64),
+            "image_size": arrays["images"].shape[-1], "num_classes": len(arrays["wnids"]),
+            "classes_from": "the ImageNet path has 1,000 classes",
+            "data_key": f"{imagenet._file_key(Path(data_root) / f for f in arrays['files'])}:{resize}:{crop}:"
+                        f"{list(np.round(mean, 6))}:{list(np.round(std, 6))}"}
+
+
+def prepare_folder(profile: str, seed: int, data_root, model: str, image_size: int | None = None, mean=None, std=None,
+                   **overrides) -> dict:
+    """Your own images (`dataset="folder"`): an ImageFolder tree under `data_root` (class
+    sub-folders; optional Pascal-VOC XML boxes beside the images), the first
+    ceil(n_images / classes) images of each class, resized, cropped and normalised as `model`
+    expects (`imagenet.input_settings`: the architecture's torchvision preset, or `image_size`,
+    `mean`, `std`). Without any XML file `localisation` is False and the pointing game and the
+    GT-box map are skipped; with XML files, the images without a box of their class are dropped and
+    counted in `dropped_no_target_box`."""
+    from study import imagenet
+
+    geometry = imagenet.input_settings(model, image_size, mean, std)
+    if data_root is None:
+        raise ValueError("dataset='folder' needs data_root: a folder with one sub-folder of images per class "
+                         "(an ImageFolder tree)")
+    s = config.settings(profile, SECTION, **overrides)
+    arrays = imagenet.load_image_folder(data_root, n_images=s["n_images"], resize=geometry["resize"],
+                                        crop=geometry["crop"])
+    return {"settings": s, "dataset": "folder", "train": None, "test": arrays, "classes": arrays["classes"],
+            "dropped_no_target_box": arrays["dropped_no_target_box"], "localisation": arrays["localisation"],
+            "mean": np.array(geometry["mean"]), "std": np.array(geometry["std"]), "image_size": geometry["crop"],
+            "num_classes": len(arrays["classes"]), "geometry": geometry,
+            "classes_from": f"data_root has {len(arrays['classes'])} class folders",
+            "data_key": f"{arrays['data_key']}:{geometry['mean']}:{geometry['std']}"}
+
+
+def torchvision_runs(prepared: dict, weights_path, model: str, device: str = "auto") -> dict:
+    """{model: run} for the torchvision classification architecture `model` with the state dict in
+    `weights_path` (`imagenet.torchvision_model`: its outputs must match `prepared["num_classes"]`),
+    with its accuracy on the chosen images; the cache key includes the architecture and the file's
+    size and modification time."""
+    from study import imagenet
+
+    net = imagenet.torchvision_model(model, weights_path, prepared["num_classes"], config.get_device(device),
+                                     image_size=prepared["image_size"], classes_from=prepared.get("classes_from"))
+    stat = Path(weights_path).expanduser().stat()
+    evaluation = _standardised(prepared["test"], prepared["mean"], prepared["std"])
+    loader = data.make_loader({k: evaluation[k] for k in ("images", "labels")}, 16, shuffle=False, seed=0)
+    key = f"{model}:{Path(weights_path).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return {model: {"model": net, "test": train.evaluate(net, loader, device), "history": pd.DataFrame(),
+                    "from_cache": True, "model_key": key}}
 
 
 def imagenet_runs(prepared: dict, weights_path, arch: str, device: str = "auto") -> dict:
-    """{arch: run} for a torchvision VGG16 or ResNet50 with weights from `weights_path`, with its
-    accuracy on the chosen images; the cache key includes the file's size and modification time."""
-    from study import imagenet
-
-    model = imagenet.imagenet_model(arch, weights_path, config.get_device(device))
-    stat = Path(weights_path).stat()
-    evaluation = _standardised(prepared["test"], prepared["mean"], prepared["std"])
-    loader = data.make_loader({k: evaluation[k] for k in ("images", "labels", "masks", "boxes", "group")}, 16,
-                              shuffle=False, seed=0)
-    key = f"{Path(weights_path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return {arch: {"model": model, "test": train.evaluate(model, loader, device), "history": pd.DataFrame(),
-                   "from_cache": True, "model_key": key}}
+    """`torchvision_runs` under its former name (the ImageNet path's VGG16 or ResNet50)."""
+    return torchvision_runs(prepared, weights_path, arch, device)
 
 
 def setup(profile: str, seed: int, dataset: str = "synth_objects_64", device: str = "auto", data_root=None,
-          weights_path=None, imagenet_arch: str = "vgg16", class_list=None, **overrides) -> tuple[dict, dict]:
-    """(prepared data, {arch: run}): the two synthetic-data models trained here, or a pretrained
-    torchvision model on ImageNet validation images when dataset == "imagenet"."""
-    if dataset == "imagenet":
-        prepared = prepare_imagenet(profile, seed, data_root, class_list, **overrides)
-        return prepared, imagenet_runs(prepared, weights_path, imagenet_arch, device)
+          weights_path=None, model: str | None = None, image_size: int | None = None, mean=None, std=None,
+          class_list=None, imagenet_arch: str | None = None, **overrides) -> tuple[dict, dict]:
+    """(prepared data, {arch: run}).
+
+    * a synthetic `dataset` (a key of `data.SHAPES_CONFIGS`): the notebook's VGG-like and
+      ResNet-like, trained here (`model` and `weights_path` must be None);
+    * `dataset="imagenet"`: ImageNet validation images with their XML boxes under `data_root` and
+      the torchvision `model` (default "vgg16"; `imagenet_arch` is its former name) with 1,000
+      outputs from `weights_path`;
+    * `dataset="folder"`: your own ImageFolder tree under `data_root` (optional VOC XML boxes) and
+      your torchvision `model` from `weights_path`, one output per class folder.
+
+    Resize, crop and normalisation follow `model`'s torchvision preset unless `image_size`, `mean`
+    or `std` are given. Bad input is a ValueError naming the parameter."""
+    from study import imagenet
+
+    if imagenet_arch is not None:
+        if model is not None and model != imagenet_arch:
+            raise ValueError(f"imagenet_arch is the former name of model; got both model={model!r} and "
+                             f"imagenet_arch={imagenet_arch!r}")
+        model = imagenet_arch
+    if dataset in ("imagenet", "folder"):
+        if model is None and dataset == "imagenet":
+            model = "vgg16"
+        if model is None:
+            raise ValueError("dataset='folder' needs model: the name of your torchvision classification "
+                             "architecture (e.g. 'resnet18', 'vgg11_bn'), and weights_path: its state-dict file")
+        model = imagenet.check_architecture(model)
+        if dataset == "imagenet":
+            geometry = imagenet.input_settings(model, image_size, mean, std)
+            prepared = prepare_imagenet(profile, seed, data_root, class_list, resize=geometry["resize"],
+                                        crop=geometry["crop"], mean=geometry["mean"], std=geometry["std"], **overrides)
+        else:
+            prepared = prepare_folder(profile, seed, data_root, model, image_size, mean, std, **overrides)
+        return prepared, torchvision_runs(prepared, weights_path, model, device)
+    if model is not None or weights_path is not None:
+        raise ValueError(f"model and weights_path apply to dataset='folder' (your images) or 'imagenet'; the "
+                         f"synthetic dataset {dataset!r} trains the notebook's own models (got model={model!r}, "
+                         f"weights_path={weights_path!r})")
+    if image_size is not None or mean is not None or std is not None:
+        raise ValueError("image_size, mean and std apply to dataset='folder' or 'imagenet'; the synthetic datasets "
+                         "have their own size and are standardised with their training set's statistics")
     prepared = prepare_synthetic(profile, seed, dataset, **overrides)
     return prepared, train_models(prepared, seed, device)
 
@@ -208,8 +287,8 @@ def setup(profile: str, seed: int, dataset: str = "synth_objects_64", device: st
 def scale_table(prepared: dict, runs: dict) -> pd.DataFrame:
     """The scale of this run next to the paper's (card §2 E1, §5)."""
     s = prepared["settings"]
-    synthetic = prepared["dataset"] != "imagenet"
-    train_size = f"{s['n_train']} train × {s['epochs']} epochs" if synthetic else "pretrained"
+    synthetic = prepared.get("train") is not None
+    train_size = f"{s['n_train']} train × {s['epochs']} epochs" if synthetic else "weights from weights_path"
     rows = [
         ("data", "ImageNet val, 100 classes × 50 = 5,000 images, 224 px",
          f"{prepared['dataset']}, {s['n_images']} test images, {prepared['image_size']} px"),
@@ -225,6 +304,9 @@ def scale_table(prepared: dict, runs: dict) -> pd.DataFrame:
          "{region_patch}×{region_patch} / kernel {blur_kernel}, σ {blur_sigma:.2f}".format(
              **scale_settings(prepared["image_size"]))),
     ]
+    if not prepared.get("localisation", True):
+        rows.append(("localisation (pointing game, GT-box map)", "computed from the ImageNet boxes",
+                     "skipped: no bounding boxes (no Pascal-VOC XML beside the images)"))
     return pd.DataFrame(rows, columns=["quantity", "paper", "this run"])
 
 
@@ -297,8 +379,9 @@ def compute_maps(model, evaluation: dict, settings: dict, seed: int, rise_p: flo
     steps = postprocessing(size)
     raw = attribution.explain_many(model, images, labels, method_plan(model, settings, size, seed, rise_p), batch_size)
     maps = {name: ("method", attribution.postprocess(raw[name], steps["base"])) for name in METHODS if name in raw}
-    gt = attribution.explain(None, images, labels, REFERENCE, boxes=evaluation["boxes"], match_target=True)
-    maps[REFERENCE] = ("reference", attribution.postprocess(gt, steps["base"]))
+    if evaluation.get("masks") is not None:  # no boxes: no GT-box map
+        gt = attribution.explain(None, images, labels, REFERENCE, boxes=evaluation["boxes"], match_target=True)
+        maps[REFERENCE] = ("reference", attribution.postprocess(gt, steps["base"]))
     for base in MANIPULATED:
         for manipulation in MANIPULATIONS:
             maps[f"{base}+{manipulation}"] = ("variant", attribution.postprocess(raw[base], steps[manipulation]))
@@ -413,8 +496,9 @@ def _grade(model, evaluation, maps, settings, seed, tie_break, mean, std, device
                                              batch_size=settings["batch_size"])
         scores[f"average_drop{suffix}"] = drop["average_drop"].numpy()
         scores[f"increase_confidence{suffix}"] = drop["increase_in_confidence"].numpy()
-    gt_masks = evaluation["masks"].repeat(repeat, 1, 1, 1)
-    scores["pointing_game"] = metrics.pointing_game(stacked, gt_masks, ties="first").astype(np.float64)
+    if evaluation["masks"] is not None:  # no boxes: no pointing game
+        gt_masks = evaluation["masks"].repeat(repeat, 1, 1, 1)
+        scores["pointing_game"] = metrics.pointing_game(stacked, gt_masks, ties="first").astype(np.float64)
     for key, values in metrics.sparsity_descriptors(stacked).items():
         scores[key] = np.asarray(values, np.float64)
     frame = pd.DataFrame({key: np.asarray(value, np.float64) for key, value in scores.items()})
@@ -444,7 +528,7 @@ def _densities(histograms: dict[str, np.ndarray], bandwidth: float = 0.05, grid:
 
 
 def _chunk(evaluation: dict, start: int, stop: int, device) -> dict:
-    part = {key: value[start:stop] for key, value in evaluation.items()}
+    part = {key: None if value is None else value[start:stop] for key, value in evaluation.items()}
     return {**part, "images": part["images"].to(device), "labels": part["labels"].to(device)}
 
 
@@ -526,6 +610,8 @@ def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "ra
     key = {"version": CACHE_VERSION, "settings": s, "seed": seed, "tie_break": tie_break, "rise_p": rise_p,
            "dataset": prepared["dataset"], "models": {a: r["model_key"] for a, r in runs.items()},
            "torch": torch.__version__.split("+")[0]}
+    if prepared.get("data_key"):  # data on disk (folder, ImageNet): the files, geometry and normalisation
+        key["data"] = prepared["data_key"]
     paths = _cache_paths(key, cache_dir)
     if cache and all(p.is_file() for p in paths.values()):
         return Evaluation(*(pd.read_csv(paths[part]) for part in ("scores", "curves", "densities")), from_cache=True)
@@ -555,6 +641,18 @@ METRIC_LABELS = {
     "increase_confidence_binarised": "Inc % (bin)", "pointing_game": "Pointing game"}
 BINARY_METRICS = [name for name, (_, binary) in METRICS.items() if binary]
 PAPER_FAMILIES = ("method", "reference")
+
+
+def present_metrics(scores: pd.DataFrame) -> list[str]:
+    """The metrics of METRICS that `scores` holds (no pointing game without boxes), in METRICS order."""
+    held = set(scores["metric"].unique())
+    return [m for m in METRICS if m in held]
+
+
+def localised(scores: pd.DataFrame) -> bool:
+    """Whether the run computed the localisation metrics (the pointing game and the GT-box map):
+    False for images without bounding boxes."""
+    return "pointing_game" in set(scores["metric"].unique())
 
 
 def map_order(names) -> list[str]:
@@ -598,7 +696,7 @@ def reliability(scores: pd.DataFrame, families=PAPER_FAMILIES) -> pd.DataFrame:
     rows = []
     scores = _metric_rows(scores, families)
     for arch in scores["arch"].unique():
-        for metric in METRICS:
+        for metric in present_metrics(scores[scores["arch"] == arch]):
             matrix = per_image(scores, arch, metric, families)
             entry = {"arch": arch, "metric": metric, "n_images": len(matrix), "n_maps": matrix.shape[1]}
             try:
@@ -977,9 +1075,11 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
         add(arch, "min_tau_baseline", (estimate[2], basic_low[1], basic_high[1]), n, "images", "basic bootstrap")
         tau_rows += [{"arch": arch, "metric_a": a, "metric_b": b, "tau": t, "low": lo, "high": hi}
                      for (a, b), t, lo, hi in zip(pairs, estimate[3:], low[3:], high[3:])]
-        corr = bootstrap_images(_correlation_statistic(cube, names), n, n_resamples=n_boot, level=level, seed=seed)
-        add(arch, "median_abs_r_pg", (corr[0][0], corr[1][0], corr[2][0]), n, "images", "percentile bootstrap")
-        add(arch, "pg_minus_other", (corr[0][1], corr[1][1], corr[2][1]), n, "images", "percentile bootstrap")
+        if "pointing_game" in names:  # no boxes: no pointing game
+            corr = bootstrap_images(_correlation_statistic(cube, names), n, n_resamples=n_boot, level=level,
+                                    seed=seed)
+            add(arch, "median_abs_r_pg", (corr[0][0], corr[1][0], corr[2][0]), n, "images", "percentile bootstrap")
+            add(arch, "pg_minus_other", (corr[0][1], corr[1][1], corr[2][1]), n, "images", "percentile bootstrap")
         # soft / binarised Drop gap, sparse (IG, SmoothGrad) minus coarse (Grad-CAM, occlusion, RISE), per image
         gaps = {}
         for metric in ("average_drop", "average_drop_binarised"):
@@ -996,16 +1096,17 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
             add(arch, f"blur_drop_gain:{base}", mean_interval(drop[base] - drop[f"{base}+blur"], level, "t"), n,
                 "images", "t")
         # GT box on the pointing game: per-image hit minus that of the best other map
-        pg = per_image(scores, arch, "pointing_game", PAPER_FAMILIES)
-        others = [m for m in pg.columns if m != REFERENCE]
-        best = pg[others].mean().idxmax()
-        add(arch, "gt_pg_margin", mean_interval(pg[REFERENCE] - pg[best], level, "t"), n, "images", "t")
+        if "pointing_game" in names:
+            pg = per_image(scores, arch, "pointing_game", PAPER_FAMILIES)
+            others = [m for m in pg.columns if m != REFERENCE]
+            best = pg[others].mean().idxmax()
+            add(arch, "gt_pg_margin", mean_interval(pg[REFERENCE] - pg[best], level, "t"), n, "images", "t")
         # within-method sparsity vs soft Drop
         part = within[(within["arch"] == arch)].iloc[0]
         add(arch, "sparsity_rho_drop", (part["mean_rho"], part["low"], part["high"]), part["n_methods"], "methods",
             "t")
         # dummies: best dummy minus worst real method per metric, per image, sign-aligned, in [0, 1] units
-        for metric in METRICS:
+        for metric in names:
             matrix = per_image(scores, arch, metric, ("method", "dummy"))
             sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
             scale = 100.0 if metric.startswith("average_drop") else 1.0
@@ -1123,7 +1224,8 @@ def figure_correlations(correlations: pd.DataFrame):
 
     archs = list(correlations["arch"].unique())
     names = map_order(correlations["map"].unique())
-    labels = [METRIC_LABELS[m] for m in METRICS]
+    shown = [m for m in METRICS if m in set(correlations["metric_a"])]
+    labels = [METRIC_LABELS[m] for m in shown]
     fig, axes = plt.subplots(len(archs), len(names), figsize=(2.2 * len(names) + 1, 2.3 * len(archs) + 1.2),
                              squeeze=False, layout="constrained")
     image = None
@@ -1140,8 +1242,7 @@ def figure_correlations(correlations: pd.DataFrame):
             ax.set_xticks(range(len(labels)), labels if last else [], rotation=90, fontsize=6)
             ax.set_yticks(range(len(labels)), labels if j == 0 else [], fontsize=6)
             ax.grid(False)
-            matrix = part.pivot(index="metric_a", columns="metric_b", values="r").reindex(index=list(METRICS),
-                                                                                          columns=list(METRICS))
+            matrix = part.pivot(index="metric_a", columns="metric_b", values="r").reindex(index=shown, columns=shown)
             image = ax.imshow(matrix.to_numpy(), vmin=-1, vmax=1, cmap="coolwarm")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.5, label="r (sign-aligned)")
@@ -1180,8 +1281,9 @@ def figure_grade_shift(shift: pd.DataFrame):
         part = shift[shift["arch"] == arch].copy()
         part["variant"] = part["method"].map(_label) + " +" + part["manipulation"]
         rows = [f"{_label(b)} +{m}" for b in MANIPULATED for m in MANIPULATIONS]
+        columns = [m for m in METRICS if m in set(part["metric"])]
         matrix = part.pivot(index="variant", columns="metric", values="rank_change").reindex(index=rows,
-                                                                                           columns=list(METRICS))
+                                                                                           columns=columns)
         sns.heatmap(matrix.rename(columns=METRIC_LABELS), annot=True, fmt=".0f", cmap="coolwarm_r", center=0,
                     vmin=-6, vmax=6, ax=ax, cbar=False, annot_kws={"fontsize": 7})
         ax.set_title(f"{_arch_label(arch)}: rank change when the map is manipulated (+ = up)", fontsize=9)
@@ -1199,7 +1301,7 @@ def figure_examples(model, evaluation: dict, settings: dict, seed: int, n: int =
 
     from study import plots
 
-    part = {key: value[:n] for key, value in evaluation.items()}
+    part = {key: None if value is None else value[:n] for key, value in evaluation.items()}
     device = next(model.parameters()).device
     maps = compute_maps(model, {**part, "images": part["images"].to(device), "labels": part["labels"].to(device)},
                         settings, seed, rise_p)
@@ -1397,14 +1499,29 @@ def _opposing(t: dict) -> dict:
                 _n(intervals, "min_tau"), _uncertainty(intervals, ["min_tau"]))
 
 
+NO_BOXES = ("not tested: the images have no bounding boxes (no Pascal-VOC XML file beside them), so the pointing "
+            "game and the GT-box map were skipped")
+
+
+def _not_tested(claim: str, paper: str, rule: str) -> dict:
+    return _row(claim, paper, rule, NO_BOXES, "not tested", "0 images with boxes", "not estimated (no boxes)")
+
+
+def _has(t: dict, statistic: str) -> bool:
+    """Whether the intervals hold `statistic` (the pointing-game ones are absent without boxes)."""
+    return statistic in set(t["intervals"]["statistic"])
+
+
 def _pointing_game(t: dict) -> dict:
+    claim = "The pointing game correlates only weakly with the other metrics [summary]"
+    if not _has(t, "median_abs_r_pg"):
+        return _not_tested(claim, "n/a (claim only; no number available)", "pointing_game")
     intervals, summary = t["intervals"], t["correlation_summary"].set_index("arch")
     verdicts = _judge(intervals, "median_abs_r_pg", 0.3, False) + _judge(intervals, "pg_minus_other", 0.0, False)
     this_run = (f"median |r| with the pointing game: {_text(intervals, 'median_abs_r_pg')}; minus the median |r| "
                 f"among the other metrics ({_per_arch(summary['median_abs_r_other_pairs'].to_dict(), '{:.2f}')}): "
                 f"{_text(intervals, 'pg_minus_other', '{:+.2f}')}")
-    return _row("The pointing game correlates only weakly with the other metrics [summary]",
-                "n/a (claim only; no number available)", "pointing_game", this_run, combine_verdicts(verdicts),
+    return _row(claim, "n/a (claim only; no number available)", "pointing_game", this_run, combine_verdicts(verdicts),
                 _n(intervals, "median_abs_r_pg"), _uncertainty(intervals, ["median_abs_r_pg", "pg_minus_other"]))
 
 
@@ -1422,6 +1539,9 @@ def _binarising(t: dict) -> dict:
 
 
 def _reference(t: dict) -> dict:
+    claim = "The GT-box map wins the pointing game but need not win deletion [card §3, unverified]"
+    if not _has(t, "gt_pg_margin"):
+        return _not_tested(claim, "n/a (expectation from the metric mechanics)", "reference")
     ranks, intervals = t["ranks"], t["intervals"]
     pg = ranks.xs("pointing_game", level="metric")[REFERENCE]
     deletion = ranks.xs("deletion_zero_pixel", level="metric")[REFERENCE]
@@ -1435,8 +1555,7 @@ def _reference(t: dict) -> dict:
                 f"{_text(intervals, 'gt_pg_margin', '{:+.2f}')}{best}; GT-box rank on the pointing game: "
                 f"{_per_arch(pg.to_dict(), '{:.0f}')}; on Del (zero, pixel): {_per_arch(deletion.to_dict(), '{:.0f}')} "
                 "(1 = best; descriptive)")
-    return _row("The GT-box map wins the pointing game but need not win deletion [card §3, unverified]",
-                "n/a (expectation from the metric mechanics)", "reference", this_run, combine_verdicts(verdicts),
+    return _row(claim, "n/a (expectation from the metric mechanics)", "reference", this_run, combine_verdicts(verdicts),
                 _n(intervals, "gt_pg_margin"), _uncertainty(intervals, ["gt_pg_margin"], "{:+.2f}"))
 
 
