@@ -184,8 +184,8 @@ class ResNetLike(ResNet):
     Stem Conv3×3(16, stride 2)–BN–ReLU; three stages of 2 torchvision BasicBlocks with 16 / 32 / 64
     channels and strides 1 / 2 / 2 (last conv map image_size/8, 8×8 at 64 px); global average
     pooling; Linear(64 → classes). Named layers: conv1, bn1, layer1 … layer3, avgpool, fc
-    (layer4 is an Identity). Grad-CAM layer: "layer3". Residual additions: no LRP (captum's LRP
-    needs a sequential network).
+    (layer4 is an Identity). Grad-CAM layer: "layer3". LRP through zennit: its ResNet canonizer splits
+    each residual sum in proportion to the two branches.
     """
 
     gradcam_layer = "layer3"

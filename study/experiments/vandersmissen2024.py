@@ -28,7 +28,7 @@ from study import attribution, config, data, metrics, train
 from study.models import ResNetLike, VGGLike
 
 SECTION = "vandersmissen2024"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: LRP through zennit, now also on the ResNet-like
 ARCHITECTURES = {"vgg_like": VGGLike, "resnet_like": ResNetLike}
 ARCH_LABELS = {"vgg_like": "VGG-like", "resnet_like": "ResNet-like", "vgg16": "VGG16", "resnet50": "ResNet50"}
 
@@ -128,7 +128,7 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def supports_lrp(model: torch.nn.Module) -> bool:
-    """Whether `study.attribution`'s LRP can explain `model` (LRP α1β0 is skipped where it cannot)."""
+    """Whether `study.attribution`'s LRP (zennit) can explain `model`; LRP α1β0 is skipped where it cannot."""
     try:
         attribution._lrp_layers(model)
     except ValueError:
@@ -324,8 +324,9 @@ def quirk_choices(tie_break: str, rise_p: float) -> pd.DataFrame:
         ("Q9 region steps", "overlapping patches around the next most-salient unremoved pixel; one pass per "
                             "1/steps of the area"),
         ("uniform baseline", "U(0,1) in pixel space, then standardised (card: unverified which space)"),
-        ("LRP", "α1β0 on every Conv/Linear via captum (no zB first-layer rule); VGG-like only — captum's LRP "
-                "has no rule for residual additions, so it is skipped for the ResNet-like"),
+        ("LRP", "α1β0 on every Conv/Linear, the first layer included, via zennit (BatchNorm merged into the "
+                "preceding layer, residual sums split in proportion to the branches), both models; the card's zB "
+                "first-layer rule exists as the `deep_taylor` method but is not used here"),
     ]
     return pd.DataFrame(rows, columns=["quirk", "choice in this run"])
 
