@@ -73,17 +73,7 @@ def predict(model: nn.Module, loader, device: str | torch.device = "auto") -> tu
 
 def evaluate(model: nn.Module, loader, device: str | torch.device = "auto") -> dict[str, float]:
     """Loss, accuracy and ROC-AUC (macro over the logit columns against one-hot labels, as Viviano)."""
-    logits, labels = predict(model, loader, device)
-    loss = classification_loss(logits, labels).item()
-    if labels.dtype.is_floating_point:
-        accuracy = ((logits > 0).float() == labels).float().mean().item()
-        onehot = labels.numpy()
-    else:
-        accuracy = (logits.argmax(1) == labels).float().mean().item()
-        onehot = F.one_hot(labels, logits.shape[1]).numpy()
-    present = onehot.min(0) != onehot.max(0)
-    auc = float(roc_auc_score(onehot[:, present], logits.numpy()[:, present], average="macro")) if present.any() else float("nan")
-    return {"loss": loss, "accuracy": accuracy, "auc": auc}
+    return _classification_metrics(*predict(model, loader, device))
 
 
 def fit(
@@ -349,7 +339,7 @@ def _check_models(models) -> list[nn.Module]:
 
 
 def _classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """`evaluate`'s numbers from float32 CPU logits and labels (same code path as `evaluate`)."""
+    """Loss, accuracy and macro ROC-AUC from float32 CPU logits and labels (`evaluate` and `fit_many`)."""
     loss = classification_loss(logits, labels).item()
     if labels.dtype.is_floating_point:
         accuracy = ((logits > 0).float() == labels).float().mean().item()

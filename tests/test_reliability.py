@@ -5,11 +5,11 @@ import study  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from study.metrics.reliability import (
-    bootstrap_ci,
     binary_pearson,
     inter_method_reliability,
     internal_consistency,
@@ -140,33 +140,6 @@ def test_alpha_bad_inputs():
         krippendorff_alpha(good, higher_is_better="yes")
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-
-def test_bootstrap_ci_of_a_mean():
-    data = np.random.default_rng(0).normal(size=200)
-    ci = bootstrap_ci(np.mean, data, n_boot=500, seed=1)
-    assert ci.estimate == pytest.approx(data.mean())
-    assert ci.low < ci.estimate < ci.high
-    # percentile interval of a mean of 200 N(0, 1): width ≈ 2 · 1.96 / √200 ≈ 0.277
-    assert ci.high - ci.low == pytest.approx(2 * 1.96 / np.sqrt(200), rel=0.2)
-    assert bootstrap_ci(np.mean, data, n_boot=500, seed=1) == ci  # seeded
-
-
-def test_bootstrap_ci_resamples_images_of_a_score_matrix():
-    scores = np.random.default_rng(2).normal(size=(60, 4)) + np.arange(4)
-    frame = pd.DataFrame(scores)
-    a = bootstrap_ci(krippendorff_alpha, scores, n_boot=50)
-    b = bootstrap_ci(lambda f: krippendorff_alpha(f.to_numpy()), frame, n_boot=50)
-    assert a == b and a.low <= a.estimate <= a.high
-    with pytest.raises(ValueError, match="n_boot"):
-        bootstrap_ci(np.mean, scores, n_boot=0)
-    with pytest.raises(ValueError, match="level"):
-        bootstrap_ci(np.mean, scores, level=95)
-    with pytest.raises(ValueError, match="finite"):
-        bootstrap_ci(lambda x: np.nan, scores, n_boot=5)
-
-
 # ----------------------------------------------------------------------------- jackknife
 
 
@@ -210,7 +183,9 @@ def test_jackknife_alpha_interval_covers_the_known_alpha_and_the_bootstrap_is_bi
     for replicate in range(30):
         sample = draw(replicate, 25)
         jack = jackknife_ci(krippendorff_alpha, sample)
-        boot = bootstrap_ci(krippendorff_alpha, sample, n_boot=60, seed=replicate)
+        boot = stats.bootstrap((np.arange(len(sample)),), lambda rows: krippendorff_alpha(sample[rows]),
+                               vectorized=False, n_resamples=60, method="percentile",
+                               random_state=np.random.default_rng(replicate)).confidence_interval
         covered += jack.low <= truth <= jack.high
         jack_centre.append((jack.low + jack.high) / 2)
         boot_centre.append((boot.low + boot.high) / 2)

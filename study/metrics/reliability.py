@@ -33,8 +33,6 @@ from scipy import stats
 __all__ = [
     "rank_within_images",
     "krippendorff_alpha",
-    "BootstrapCI",
-    "bootstrap_ci",
     "JackknifeCI",
     "jackknife_ci",
     "off_diagonal_summary",
@@ -167,65 +165,6 @@ def krippendorff_alpha(
     if not np.isfinite(alpha):
         raise ValueError("Krippendorff's alpha is undefined for these scores (no expected disagreement)")
     return alpha
-
-
-class BootstrapCI(NamedTuple):
-    """A statistic on the full data and its percentile bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-
-
-def bootstrap_ci(
-    statistic: Callable, data, n_boot: int = 1000, level: float = 0.95, seed: int = 0
-) -> BootstrapCI:
-    """Percentile bootstrap confidence interval, resampling images (rows) with replacement.
-
-    Not for Krippendorff's α over raters: a resample repeats images, a repeated rater agrees
-    perfectly with itself, and the resampled α is biased upwards; use :func:`jackknife_ci`.
-
-    ``statistic(resampled) -> float`` is called on the full data and on ``n_boot`` resamples drawn
-    with ``numpy.random.default_rng(seed)``; ``data`` is an array, tensor or DataFrame with images
-    along the first axis. Returns ``BootstrapCI(estimate, low, high)`` with the
-    ((1 − level)/2, (1 + level)/2) quantiles of the bootstrap distribution. A statistic that is not
-    finite on some resample raises ``ValueError``.
-    """
-    if not callable(statistic):
-        raise ValueError("statistic must be a callable taking the resampled data")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise ValueError(f"n_boot must be an integer >= 2; got {n_boot!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1); got {level!r}")
-    if isinstance(data, pd.DataFrame):
-        rows = len(data)
-
-        def take(index):
-            return data.iloc[index].reset_index(drop=True)
-
-    else:
-        array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-        if array.ndim < 1:
-            raise ValueError("data must have images along its first axis")
-        rows = array.shape[0]
-
-        def take(index):
-            return array[index]
-
-    if rows < 2:
-        raise ValueError(f"data needs at least 2 images (rows) to bootstrap; got {rows}")
-
-    def evaluate(sample) -> float:
-        value = float(statistic(sample))
-        if not np.isfinite(value):
-            raise ValueError(f"statistic returned {value} on a bootstrap resample; it must be finite")
-        return value
-
-    estimate = evaluate(take(np.arange(rows)))
-    rng = np.random.default_rng(seed)
-    draws = np.array([evaluate(take(rng.integers(0, rows, size=rows))) for _ in range(n_boot)])
-    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return BootstrapCI(estimate, float(low), float(high))
 
 
 class JackknifeCI(NamedTuple):
