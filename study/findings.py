@@ -9,6 +9,7 @@ other side, and `inconclusive` when it straddles the threshold.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,24 @@ def mean_interval(values, level: float = 0.95, method: str = "t", seed: int = 0)
     if method == "t":
         ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=level)
     elif method == "bootstrap":
-        ci = stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
-                             random_state=np.random.default_rng(seed)).confidence_interval
+        ci = _bootstrap_ci(x, level, seed)
     else:
         raise ValueError(f"unknown method {method!r}; choose 't' or 'bootstrap'")
     return mean, float(ci.low), float(ci.high)
+
+
+def _bootstrap_ci(x: np.ndarray, level: float, seed: int):
+    """BCa bootstrap interval of the mean; the percentile interval where BCa is undefined (a nearly
+    degenerate resampling distribution, e.g. one unit differing from all the others)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", stats.DegenerateDataWarning)
+        try:
+            return stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
+                                   random_state=np.random.default_rng(seed)).confidence_interval
+        except stats.DegenerateDataWarning:
+            pass
+    return stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
+                           random_state=np.random.default_rng(seed)).confidence_interval
 
 
 def describe_interval(mean: float, low: float, high: float, n: int, unit: str = "seeds", digits: int = 2,

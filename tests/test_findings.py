@@ -101,3 +101,12 @@ def test_tour_findings_follow_the_intervals():
     assert _tour_inputs(0.9, off)[1]["verdict"] == "not reproduced"
     mixed = {"gradient": [0.1, 0.6, 0.15, 0.5], "gradcam": [0.4, 0.5, 0.45, 0.42]}
     assert _tour_inputs(0.9, mixed)[1]["verdict"] == "inconclusive"
+
+
+def test_mean_interval_bootstrap_falls_back_to_percentile_where_bca_is_undefined():
+    import warnings
+    x = np.array([0.0] * 29 + [1.0])  # BCa's acceleration is undefined for this resampling distribution
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, low, high = mean_interval(x, method="bootstrap")
+    assert mean == pytest.approx(1 / 30) and 0.0 <= low <= mean <= high
