@@ -976,7 +976,8 @@ def bootstrap_images(statistic, n_images: int, *, method: str = "percentile", n_
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     index = np.arange(int(n_images))
     estimate = np.asarray(statistic(index), dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # NaN resamples give a NaN interval (documented)
         result = stats.bootstrap((index,), lambda i: np.asarray(statistic(np.asarray(i, dtype=np.int64)), np.float64),
                                  vectorized=False, n_resamples=n_resamples, confidence_level=level, method=method,
                                  random_state=np.random.default_rng(seed))
