@@ -146,9 +146,7 @@ def rrr_loss(images: torch.Tensor, logits: torch.Tensor, outside: torch.Tensor, 
     images = _check_images(images)
     _check_input_gradient(images, logits)
     outside = _check_masks(outside, images, "outside").to(images.dtype)
-    log_probs = torch.log(torch.softmax(logits, dim=1) + RRR_LOG_EPS)
-    (gradient,) = torch.autograd.grad(log_probs.sum(), images, create_graph=True)
-    return lam * (gradient * outside).pow(2).sum()
+    return lam * _rrr_penalty(images, logits, outside).sum()
 
 
 def gradmask_loss(images: torch.Tensor, logits: torch.Tensor, outside: torch.Tensor, lam: float) -> torch.Tensor:
@@ -162,9 +160,21 @@ def gradmask_loss(images: torch.Tensor, logits: torch.Tensor, outside: torch.Ten
     if logits.shape[1] != 2:
         raise ValueError(f"GradMask is defined for two logits, got {logits.shape[1]}")
     outside = _check_masks(outside, images, "outside").to(images.dtype)
-    contrast = (logits[:, 0] - logits[:, 1]).abs().sum()
+    return lam * _gradmask_penalty(images, logits, outside).sum()
+
+
+def _rrr_penalty(images: torch.Tensor, logits: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """RRR's per-pixel terms (∂ Σ log(softmax + 1e-11) / ∂x ⊙ o)², for (…, B, C, H, W) images."""
+    log_probs = torch.log(torch.softmax(logits, dim=-1) + RRR_LOG_EPS)
+    (gradient,) = torch.autograd.grad(log_probs.sum(), images, create_graph=True)
+    return (gradient * outside).pow(2)
+
+
+def _gradmask_penalty(images: torch.Tensor, logits: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """GradMask's per-pixel terms |∂ Σ|z₀ − z₁| / ∂x| ⊙ o, for (…, B, C, H, W) images."""
+    contrast = (logits[..., 0] - logits[..., 1]).abs().sum()
     (gradient,) = torch.autograd.grad(contrast, images, create_graph=True)
-    return lam * (gradient.abs() * outside).sum()
+    return gradient.abs() * outside
 
 
 def _check_feature_pair(features, features_shuffled) -> None:
@@ -307,6 +317,37 @@ def rrr_extra_loss(lam: float):
 def gradmask_extra_loss(lam: float):
     """`extra_loss(model, batch, logits)` for fit: GradMask with outside = ~batch["mask"]."""
     return _outside_mask_extra_loss(gradmask_loss, lam)
+
+
+def input_gradient_extra_loss_many(name: str, lam: float):
+    """`extra_loss(model_call, batch, logits)` for `train.fit_many(..., input_grad=True)`: RRR
+    (`name="rrr"`) or GradMask (`"gradmask"`) with outside = ~batch["mask"], one loss per run.
+
+    The batch is stacked per run (images (R, B, C, H, W), logits (R, B, K)); run r's logits only
+    depend on run r's images (its own BatchNorm batch included), so one input gradient of the
+    summed score holds every run's own gradient, and run r's loss is `rrr_loss` / `gradmask_loss`
+    of its batch."""
+    penalties = {"rrr": _rrr_penalty, "gradmask": _gradmask_penalty}
+    if name not in penalties:
+        raise ValueError(f"unknown input-gradient loss {name!r}; choose one of {sorted(penalties)}")
+    penalty, lam = penalties[name], _check_lambda(lam)
+
+    def extra(model_call, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        images = batch["image"]
+        if not isinstance(images, torch.Tensor) or images.ndim != 5 or not images.requires_grad:
+            raise ValueError("the batch images must be stacked per run (R, B, C, H, W) and require grad: "
+                             "train with fit_many(..., input_grad=True)")
+        if logits.ndim != 3 or logits.shape[:2] != images.shape[:2] or logits.grad_fn is None:
+            raise ValueError(f"logits must be (R, B, K) = {tuple(images.shape[:2])} + (K,), computed from the images")
+        if name == "gradmask" and logits.shape[-1] != 2:
+            raise ValueError(f"GradMask is defined for two logits, got {logits.shape[-1]}")
+        masks = batch.get("mask")
+        if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (*images.shape[:2], 1, *images.shape[3:]):
+            raise ValueError(f"batch['mask'] must be (R, B, 1, H, W) to match images {tuple(images.shape)}")
+        outside = (~masks.bool()).to(images.dtype)
+        return lam * penalty(images, logits, outside).flatten(1).sum(1)
+
+    return extra
 
 
 class ActDiffExtraLoss:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import config, runner
+from study import config, parallel, runner
 
 
 def parse_grid_values(text: str) -> list:
@@ -83,17 +83,8 @@ def sweep(
 
 
 def _run_on_dask(notebook: str, points: list[dict], dirs: list[str], scheduler: str | None, workers: int) -> list[dict]:
-    from distributed import Client, LocalCluster
-
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                  dashboard_address=None)
-    try:
-        with Client(scheduler or cluster) as client:
-            futures = [client.submit(run_point, notebook, p, d, pure=False) for p, d in zip(points, dirs)]
-            return client.gather(futures)
-    finally:
-        if cluster is not None:
-            cluster.close()
+    return parallel.map_jobs(run_point, [(notebook, p, d) for p, d in zip(points, dirs)], workers=workers,
+                             threads=None, scheduler=scheduler)
 
 
 def concatenate_tables(points: list[dict], dirs: list[str]) -> dict[str, pd.DataFrame]:

@@ -177,18 +177,33 @@ def cached_fit(
     device: str | torch.device = "auto",
 ) -> FitResult:
     """Train once per (name, params); later calls load the weights (`weights_only=True`)."""
-    path = Path(cache_dir or config.CACHE_DIR) / "models" / f"{name}-{cache_key(name, params)}.pt"
+    path = fit_cache_path(name, params, cache_dir)
     model = build()
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        model.to(config.get_device(device)).eval()
-        return FitResult(model, saved["history"], saved["best_epoch"], from_cache=True)
+        return load_fit(path, model, device)
     result = train(model)
+    store_fit(path, result)
+    return result
+
+
+def fit_cache_path(name: str, params: dict, cache_dir: Path | None = None) -> Path:
+    """Where `cached_fit` keeps the model trained with (name, params)."""
+    return Path(cache_dir or config.CACHE_DIR) / "models" / f"{name}-{cache_key(name, params)}.pt"
+
+
+def store_fit(path: Path, result: FitResult) -> None:
+    """Save a FitResult's weights (on the CPU), history (floats) and selected epoch, atomically."""
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     history = [{k: float(v) for k, v in row.items()} for row in result.history]
     atomic_torch_save({"state_dict": state, "history": history, "best_epoch": result.best_epoch}, path)
-    return result
+
+
+def load_fit(path: Path, model: nn.Module, device: str | torch.device = "auto") -> FitResult:
+    """A stored FitResult, its weights loaded into `model` (moved to `device`, eval mode)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["state_dict"])
+    model.to(config.get_device(device)).eval()
+    return FitResult(model, saved["history"], saved["best_epoch"], from_cache=True)
 
 
 # ------------------------------------------------------------------ many runs at once (fit_many)

@@ -133,6 +133,31 @@ def test_rrr_and_gradmask_known_answers_on_a_linear_model():
     assert losses.gradmask_loss(images, model(images), outside, 0.5).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("name, single", [("rrr", losses.rrr_loss), ("gradmask", losses.gradmask_loss)])
+def test_many_run_input_gradient_loss_is_each_runs_own_loss(name, single):
+    """Runs stacked (R, B, ...) through per-run linear models: run r's loss is the single-run loss
+    of its own batch (no run's gradient leaks into another's)."""
+    models = [_linear_model(seed=r) for r in range(3)]
+    images = torch.rand(3, 2, 1, 6, 6)
+    masks = torch.rand(3, 2, 1, 6, 6) > 0.5
+    stacked = images.clone().requires_grad_(True)
+    logits = torch.stack([model(stacked[r]) for r, model in enumerate(models)])
+    got = losses.input_gradient_extra_loss_many(name, 2.0)(None, {"image": stacked, "mask": masks}, logits)
+    assert got.shape == (3,)
+    for r, model in enumerate(models):
+        x = images[r].clone().requires_grad_(True)
+        assert got[r].item() == pytest.approx(single(x, model(x), ~masks[r], 2.0).item(), rel=1e-5)
+    extra = losses.input_gradient_extra_loss_many(name, 2.0)
+    with pytest.raises(ValueError, match="input_grad=True"):
+        extra(None, {"image": images, "mask": masks}, logits)  # images without grad
+    with pytest.raises(ValueError, match="batch\\['mask'\\]"):
+        extra(None, {"image": stacked, "mask": masks[:, :, 0]}, logits)
+    with pytest.raises(ValueError, match="unknown input-gradient loss"):
+        losses.input_gradient_extra_loss_many("actdiff", 1.0)
+    with pytest.raises(ValueError, match="lambda|λ|lam"):
+        losses.input_gradient_extra_loss_many(name, -1.0)
+
+
 def _train(extra, input_grad, seed=0):
     arrays = data.make_crosses(32, seed=3)
     arrays["masks"] = losses.dilate_training_mask(torch.as_tensor(arrays["masks"]), 0.818).numpy()

@@ -35,7 +35,7 @@ from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
-from study import attribution, config, data, masking, metrics, plots, train
+from study import attribution, config, data, masking, metrics, parallel, plots, train
 from study.findings import describe_interval, interval_verdict, mean_interval
 from study.masking import MaskerSpec, PartsClassifier
 
@@ -417,13 +417,11 @@ def run_job(clf: dict, d: dict, s: dict, lambda_tv: dict, job: tuple, device: st
 _WORKER_STATE: dict = {}
 
 
-def _worker_job(payload: tuple) -> float:
-    """A masker trained in a worker process (it only fills the disk cache); returns its seconds."""
-    s, seed, dataset, cache_dir, lambda_tv, job = payload
+def _worker_job(s: dict, seed: int, dataset: str, lambda_tv: dict, job: tuple) -> float:
+    """A masker trained in a worker process (it only fills the disk cache); returns its seconds.
+    The data and the (cached) classifier are loaded once per worker process."""
     start = time.perf_counter()
-    config.CACHE_DIR = type(config.CACHE_DIR)(cache_dir)
-    torch.set_num_threads(1)
-    key = (seed, dataset, repr(sorted(s.items())))
+    key = (seed, dataset, repr(sorted(s.items())), str(config.CACHE_DIR))
     if key not in _WORKER_STATE:
         d = load_data(s, seed, dataset)
         _WORKER_STATE.clear()
@@ -434,25 +432,21 @@ def _worker_job(payload: tuple) -> float:
 
 
 def prefill_maskers(s: dict, d: dict, lambda_tv: dict, workers: int, device: str = "auto") -> int:
-    """Train the maskers of `masker_jobs` in `workers` CPU processes (one thread each) so that the
-    steps that follow only load them from the disk cache. Nothing happens with one worker, on a
-    GPU, or when every masker is cached already. The classifier must be trained (cached) first.
-    Results do not depend on the number of workers: each masker is seeded on its own. Returns the
-    number of maskers trained."""
-    import concurrent.futures
-    import multiprocessing
-
-    if workers <= 1 or config.get_device(device).type != "cpu":
+    """Train the maskers of `masker_jobs` in `workers` CPU processes (one thread each,
+    `parallel.map_jobs`, or on the Dask scheduler of STUDY_DASK_SCHEDULER) so that the steps that
+    follow only load them from the disk cache. Nothing happens with one worker, on a GPU, or when
+    every masker is cached already. The classifier must be trained (cached) first. Results do not
+    depend on the number of workers: each masker is seeded on its own. Returns the number of
+    maskers trained."""
+    if (workers <= 1 or config.get_device(device).type != "cpu") and parallel.default_scheduler() is None:
         return 0
     clf_key = train.cache_key("phang2020_classifier", classifier_params(d, s))
     todo = [job for job in masker_jobs(s, d) if not _cached(job, s, d, lambda_tv, clf_key)]
     if not todo:
         return 0
     heavy_first = sorted(todo, key=lambda job: GRID_ROWS[job[0]]["classifier_mode"] != "ca")
-    payloads = [(s, d["seed"], d["dataset"], str(config.CACHE_DIR), lambda_tv, job) for job in heavy_first]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
-        list(pool.map(_worker_job, payloads))
+    parallel.map_jobs(_worker_job, [(s, d["seed"], d["dataset"], lambda_tv, job) for job in heavy_first],
+                      workers=workers, threads=1)
     return len(todo)
 
 

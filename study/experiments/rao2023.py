@@ -22,9 +22,7 @@ trains nothing and the numbers do not depend on the number of workers.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import multiprocessing
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from study import config, data, plots, train
+from study import config, data, parallel, plots, train
 from study import guidance as G
 from study.findings import describe_interval, interval_verdict, mean_interval
 
@@ -461,9 +459,7 @@ def load_result(spec: dict) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _compute_and_store(spec: dict, device: str, threads: int | None) -> float:
-    if threads:
-        torch.set_num_threads(threads)
+def _compute_and_store(spec: dict, device: str) -> float:
     path = _path(spec)
     if path.is_file():
         return 0.0
@@ -473,20 +469,15 @@ def _compute_and_store(spec: dict, device: str, threads: int | None) -> float:
 
 
 def ensure(specs: list[dict], device="auto", workers: int = 1, threads: int | None = 1) -> dict:
-    """Compute every spec whose result is not cached (in `workers` processes); return timings."""
+    """Compute every spec whose result is not cached, with `threads` torch threads: on the CPU in
+    `workers` processes (`parallel.map_jobs`; or on the Dask scheduler of STUDY_DASK_SCHEDULER),
+    else here. Returns timings."""
     device_name = str(config.get_device(device))
     unique = {_path(sp): sp for sp in specs}
     missing = [sp for p, sp in unique.items() if not p.is_file()]
     start = time.perf_counter()
-    previous = torch.get_num_threads()
-    if workers > 1 and len(missing) > 1 and device_name == "cpu":
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            list(pool.map(_compute_and_store, missing, [device_name] * len(missing), [threads] * len(missing)))
-    else:
-        for sp in missing:
-            _compute_and_store(sp, device_name, threads)
-        torch.set_num_threads(previous)
+    workers = workers if device_name == "cpu" else 1
+    parallel.map_jobs(_compute_and_store, [(sp, device_name) for sp in missing], workers=workers, threads=threads)
     return {"runs": len(unique), "computed": len(missing), "seconds": time.perf_counter() - start}
 
 

@@ -17,10 +17,8 @@ mask track that improvement? Steps:
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import math
-import multiprocessing
 import time
 from dataclasses import dataclass
 
@@ -32,7 +30,7 @@ import torch
 from scipy import stats
 from torch.utils.data import DataLoader
 
-from study import attribution, config, data, losses, metrics, train
+from study import attribution, config, data, losses, metrics, parallel, train
 from study.findings import describe_interval, interval_verdict, mean_interval
 from study.models import SmallResNet18
 
@@ -377,43 +375,98 @@ def is_cached(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, fli
     return (config.CACHE_DIR / "models" / f"{name}-{key}.pt").is_file()
 
 
-# the slower methods first, so that two workers finish together
+# Methods whose seeds train together with `train.fit_many` (cross-entropy, optionally an
+# input-gradient loss); shuffle (per-item x̃ in the loader), ActDiff (an x̃ pass before each
+# forward) and the adversarial method (its own step) train one run at a time.
+BATCHED_METHODS = ("baseline", "masked", "maskall", "gradmask", "rrr", "rrr_trainable")
+_INPUT_GRADIENT_LOSS = {"gradmask": "gradmask", "rrr": "rrr", "rrr_trainable": "rrr"}
+# the slower jobs first, so that two workers finish together
 _COST_ORDER = ("gradmask", "rrr", "rrr_trainable", "actdiff", "shuffle", "adversarial", "maskall", "masked", "baseline")
 
 
-def _prefill_job(payload: tuple) -> None:
-    """One (method, seed) trained in a worker process, on the CPU with `threads` threads; it only
-    fills the disk cache (the parent loads the model from there)."""
-    method, run_seed, dataset, s, flip_prob, data_root, actdiff_apply_lambda, skip_empty_masks, cache_dir, threads = payload
-    config.CACHE_DIR = type(config.CACHE_DIR)(cache_dir)
-    if threads:
-        torch.set_num_threads(int(threads))
-    splits = load_splits(dataset, run_seed, s, flip_prob, data_root)
-    train_method(method, splits, s, run_seed, dataset, flip_prob, "cpu", actdiff_apply_lambda, skip_empty_masks)
+def _tensors(arrays: dict) -> dict:
+    """The tensors a loader over `arrays` yields (image, label, mask), for `train.fit_many`."""
+    dataset = data.ArrayDataset(arrays)
+    return {"image": dataset.images, "label": dataset.labels, "mask": dataset.masks}
+
+
+def train_seeds_together(method: str, seeds: list[int], s: dict, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
+                         device="auto", data_root=None, skip_empty_masks: bool = False) -> int:
+    """Train the uncached seeds of a `BATCHED_METHODS` method in one `train.fit_many` pass (each
+    seed with its own data, initialisation, batch order, BatchNorm statistics, Adam state and
+    selected epoch, as `train_method` would train it alone, to float rounding) and store each
+    in `train_method`'s cache. Returns the number of runs trained."""
+    if method not in BATCHED_METHODS:
+        raise ValueError(f"{method!r} does not train with fit_many; batched methods: {list(BATCHED_METHODS)}")
+    hyper = HYPERPARAMETERS[dataset][method]
+    todo, models, train_data, valid_data = [], [], [], []
+    for run_seed in seeds:
+        path = train.fit_cache_path(f"viviano2021_{method}",
+                                    cache_params(method, s, run_seed, dataset, flip_prob, False, skip_empty_masks))
+        if path.is_file():
+            continue
+        splits = load_splits(dataset, run_seed, s, flip_prob, data_root)
+        arrays = method_arrays(method, splits, hyper, skip_empty_masks, only=("train", "valid"))
+        config.seed_everything(run_seed)
+        models.append(SmallResNet18(in_channels=int(arrays["train"]["images"].shape[1]), num_classes=2, width=s["width"]))
+        train_data.append(_tensors(arrays["train"]))
+        valid_data.append(_tensors(arrays["valid"]))
+        todo.append((run_seed, path))
+    if not todo:
+        return 0
+    loss = _INPUT_GRADIENT_LOSS.get(method)
+    extra = losses.input_gradient_extra_loss_many(loss, hyper.lam) if loss else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    results = train.fit_many(models, train_data, seeds=[rs for rs, _ in todo], epochs=s["epochs"],
+                             batch_size=BATCH_SIZE, lr=hyper.lr, extra_loss=extra, input_grad=extra is not None,
+                             valid_data=valid_data, select="valid_loss", burn_in=s["burn_in"], device=device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    for result, (_, path) in zip(results, todo):
+        # a run's share of the pass, so the notebook's training cost also reads from the cache
+        result.history[-1].update(train_seconds=wall / len(todo), train_cpu_seconds=cpu / len(todo),
+                                  trained_together=len(todo))
+        train.store_fit(path, result)
+    return len(todo)
+
+
+def _run_job(method: str, job_seeds: list[int], dataset: str, s: dict, flip_prob: float, device, data_root,
+             actdiff_apply_lambda: bool, skip_empty_masks: bool) -> int:
+    if method in BATCHED_METHODS:
+        return train_seeds_together(method, job_seeds, s, dataset, flip_prob, device, data_root, skip_empty_masks)
+    for run_seed in job_seeds:
+        splits = load_splits(dataset, run_seed, s, flip_prob, data_root)
+        train_method(method, splits, s, run_seed, dataset, flip_prob, device, actdiff_apply_lambda, skip_empty_masks)
+    return len(job_seeds)
 
 
 def prefill(dataset: str, s: dict, seed: int, device="auto", data_root=None, actdiff_apply_lambda: bool = False,
             skip_empty_masks: bool = False, flip_prob: float = 1.0) -> int:
-    """Train the uncached (method × seed) runs in `s["workers"]` CPU processes of `s["threads"]`
-    threads each (small convolutions gain little from a second intra-op thread; two single-thread
-    processes use both cores), so that `train_all` only loads them. Nothing happens with one
-    worker, on a GPU, or when everything is cached. Each run is seeded on its own, so the models do
-    not depend on the number of workers. Returns the number of runs trained."""
+    """Train the uncached (method × seed) runs so that `train_all` only loads them: the seeds of
+    each `BATCHED_METHODS` method as one `fit_many` job, the other methods one job per seed. On
+    the CPU with `s["workers"]` > 1 the jobs run in that many processes of `s["threads"]` threads
+    each (`parallel.map_jobs`: small convolutions gain little from a second intra-op thread; two
+    single-thread processes use both cores), or on the Dask scheduler of STUDY_DASK_SCHEDULER;
+    otherwise the batched jobs run here and the rest is left to `train_method`. Each run is
+    seeded on its own, so the models do not depend on the number of workers. Returns the number
+    of runs trained."""
     workers = 1 if s.get("workers") is None else int(s["workers"])
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    jobs = [(m, rs) for rs in run_seeds(seed, s["n_seeds"]) for m in s["methods"]
-            if m in HYPERPARAMETERS[dataset]
-            and not is_cached(m, s, rs, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks)]
-    if workers == 1 or len(jobs) < 2 or config.get_device(device).type != "cpu":
-        return 0
-    jobs.sort(key=lambda job: _COST_ORDER.index(job[0]) if job[0] in _COST_ORDER else len(_COST_ORDER))
-    payloads = [(m, rs, dataset, s, flip_prob, data_root, actdiff_apply_lambda, skip_empty_masks, str(config.CACHE_DIR),
-                 s.get("threads")) for m, rs in jobs]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        list(pool.map(_prefill_job, payloads))
-    return len(jobs)
+    missing: dict[str, list[int]] = {}
+    for run_seed in run_seeds(seed, s["n_seeds"]):
+        for method in s["methods"]:
+            if method in HYPERPARAMETERS[dataset] and not is_cached(method, s, run_seed, dataset, flip_prob,
+                                                                    actdiff_apply_lambda, skip_empty_masks):
+                missing.setdefault(method, []).append(run_seed)
+    jobs = [(m, rs) for m, group in missing.items() for rs in ([group] if m in BATCHED_METHODS else [[r] for r in group])]
+    jobs.sort(key=lambda job: (-len(job[1]), _COST_ORDER.index(job[0]) if job[0] in _COST_ORDER else len(_COST_ORDER)))
+    device = config.get_device(device)
+    if (workers == 1 or len(jobs) < 2 or device.type != "cpu") and parallel.default_scheduler() is None:
+        return sum(_run_job(m, rs, dataset, s, flip_prob, device, data_root, actdiff_apply_lambda, skip_empty_masks)
+                   for m, rs in jobs if m in BATCHED_METHODS)
+    payloads = [(m, rs, dataset, s, flip_prob, str(device), data_root, actdiff_apply_lambda, skip_empty_masks)
+                for m, rs in jobs]
+    return sum(parallel.map_jobs(_run_job, payloads, workers=workers, threads=s.get("threads")))
 
 
 def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str = SYNTHETIC,
