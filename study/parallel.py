@@ -63,14 +63,18 @@ def map_jobs(function: Callable, jobs: Sequence[tuple], *, workers: int = 2, thr
     import dask
     from distributed import Client, LocalCluster
 
-    # Dask starts its worker processes with MALLOC_TRIM_THRESHOLD_=65536: glibc then hands freed
-    # memory back to the system at once, and torch's many short-lived tensors pay a page fault on
-    # every allocation (a training ran 4× slower in a worker than here). Keep glibc's default.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = None if scheduler else LocalCluster(n_workers=min(workers, len(jobs)), threads_per_worker=1,
-                                                      processes=True, dashboard_address=None)
+    # Dask's nanny writes `distributed.nanny.pre-spawn-environ` into *this* process's os.environ
+    # before spawning a worker (MALLOC_TRIM_THRESHOLD_=65536, OMP/MKL/OPENBLAS_NUM_THREADS=1), so
+    # every process started later inherits them: under `make test`, the notebooks nbval ran after
+    # a sweep test trained 2× slower (glibc returning freed memory at once: a page fault per torch
+    # allocation). Nothing is written here; the workers get the thread limits as their own env,
+    # and keep glibc's default trimming (a training ran 4× slower with it in a worker).
+    single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cluster = None
+    if scheduler is None:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+            cluster = LocalCluster(n_workers=min(workers, len(jobs)), threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env=single_thread)
     try:
         with Client(scheduler or cluster) as client:
             # earlier jobs first (callers put the longest first so that the workers finish together)

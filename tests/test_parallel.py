@@ -14,6 +14,10 @@ def _facts(index: int, scale: float) -> dict:
             "pid": os.getpid()}
 
 
+def _environment(key: str) -> str | None:
+    return os.environ.get(key)
+
+
 def test_one_worker_runs_here_in_order_and_restores_the_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
     previous = torch.get_num_threads()
@@ -32,6 +36,18 @@ def test_dask_workers_return_in_job_order_with_the_callers_cache_and_threads(tmp
     assert [o["index"] for o in out] == list(range(5)) and [o["value"] for o in out] == [0, 2, 4, 6, 8]
     assert os.getpid() not in {o["pid"] for o in out}
     assert {o["cache"] for o in out} == {str(tmp_path / "cache")} and {o["threads"] for o in out} == {1}
+
+
+def test_dask_leaves_this_process_environment_alone(monkeypatch):
+    """Dask's nanny would write MALLOC_TRIM_THRESHOLD_ and OMP_NUM_THREADS=1 into the caller's
+    environment, and every process started afterwards (nbval's kernels) would inherit them."""
+    for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv(parallel.SCHEDULER_ENV, raising=False)
+    before = dict(os.environ)
+    out = parallel.map_jobs(_environment, [("OMP_NUM_THREADS",), ("MALLOC_TRIM_THRESHOLD_",)], workers=2, threads=None)
+    assert out == ["1", None]  # the workers run single-threaded, with glibc's default trimming
+    assert dict(os.environ) == before
 
 
 def test_scheduler_address_from_the_environment(monkeypatch):
