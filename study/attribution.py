@@ -62,6 +62,7 @@ from captum.attr import (
     Occlusion,
     Saliency,
 )
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR as _DEEPLIFT_NONLINEAR
 from captum.attr._utils.approximation_methods import SUPPORTED_METHODS as _IG_APPROXIMATIONS
 from torch import nn
 from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
@@ -319,8 +320,34 @@ def _guided_backprop(model, images, targets, *, reduce="max_abs"):
     return _reduce(attributions, reduce)
 
 
+def _nonlinearities_called_once(model: nn.Module, images: torch.Tensor) -> None:
+    """ValueError when a nonlinearity module (captum DeepLift's list: ReLU, MaxPool2d, ...) is called
+    more than once in one forward pass (torchvision's ResNet blocks call one ReLU twice): captum's
+    DeepLift keeps one input and output per module and stops with a RuntimeError on such models."""
+    calls: dict[str, int] = {}
+
+    def count(name):
+        return lambda _module, _inputs, _output: calls.__setitem__(name, calls.get(name, 0) + 1)
+
+    handles = [module.register_forward_hook(count(name)) for name, module in model.named_modules()
+               if type(module) in _DEEPLIFT_NONLINEAR]
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = [name for name, count in calls.items() if count > 1]
+    if reused:
+        raise ValueError(f"deeplift needs every nonlinearity module called once per forward pass, but the model "
+                         f"calls {', '.join(repr(n) for n in reused[:3])}{', ...' if len(reused) > 3 else ''} more "
+                         f"than once (e.g. the shared ReLU of a torchvision ResNet block)")
+
+
 def _deeplift(model, images, targets, *, baseline="zero", blur_sigma=None, reduce="sum"):
-    """DeepLIFT rescale rule (captum DeepLift), multiplied by (x − baseline)."""
+    """DeepLIFT rescale rule (captum DeepLift), multiplied by (x − baseline). ValueError for a model
+    that calls a nonlinearity module twice in one forward pass (e.g. torchvision's ResNets)."""
+    _nonlinearities_called_once(_require_model(model, "deeplift"), images)
     attributions = DeepLift(_require_model(model, "deeplift")).attribute(
         images, baselines=_baseline(images, baseline, blur_sigma), target=targets)
     return _reduce(attributions, reduce)

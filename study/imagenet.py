@@ -278,6 +278,19 @@ def check_architecture(model) -> str:
     return model
 
 
+def check_folder_inputs(data_root, model) -> str:
+    """The two parameters that `dataset="folder"` cannot do without (notebooks 01 and 02): ValueError
+    naming the one that is None; returns `model` checked by `check_architecture`. Whether `data_root`
+    is an ImageFolder tree is checked by `load_image_folder`, the weights by `torchvision_model`."""
+    if model is None:
+        raise ValueError("dataset='folder' needs model: the name of your torchvision classification "
+                         "architecture (e.g. 'resnet18', 'vgg11_bn'), and weights_path: its state-dict file")
+    if data_root is None:
+        raise ValueError("dataset='folder' needs data_root: a folder with one sub-folder of images per class "
+                         "(an ImageFolder tree)")
+    return check_architecture(model)
+
+
 def input_settings(model: str, image_size: int | None = None, mean=None, std=None) -> dict:
     """Resize / crop / normalisation for `model`: the preset of its torchvision weights entry
     (`ImageClassification`: crop 224, resize 256, ImageNet mean and std for most; e.g. 299 / 342
@@ -426,7 +439,8 @@ def _file_key(paths) -> str:
     return digest.hexdigest()[:20]
 
 
-def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, crop: int = 224) -> dict:
+def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, crop: int = 224,
+                      boxes: bool = True) -> dict:
     """Your own images: an ImageFolder tree under `root` (`torchvision.datasets.ImageFolder`: one
     sub-folder per class; class index = position of the folder name in sorted order), decoded with
     PIL, Resize(resize) → CenterCrop(crop) as `load_image`.
@@ -436,7 +450,8 @@ def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, c
     any other name gets class −1 (kept, never a target). When at least one XML file exists, the
     localisation metrics are computed, so only images with a box of their own class inside the crop
     are kept; the others are dropped and counted (`dropped_no_target_box`, `dropped_files`). With no
-    XML file at all, `localisation` is False, `masks` is None and every image is kept.
+    XML file at all, or with `boxes=False` (a caller that needs no boxes, e.g. notebook 01), the XML
+    files are ignored: `localisation` is False, `masks` is None and every image is kept.
 
     `n_images`: the first ceil(n_images / classes) images of each class (by file name), all when
     None. Returns the dataset dict of `load_imagenet_boxes` (`images` float32 (N, 3, crop, crop) in
@@ -459,7 +474,7 @@ def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, c
     if crop > resize:
         raise ValueError(f"crop {crop} must not exceed resize {resize}")
     samples = [(Path(p), int(label)) for p, label in folder.samples]
-    localisation = any(p.with_suffix(".xml").is_file() for p, _ in samples)
+    localisation = bool(boxes) and any(p.with_suffix(".xml").is_file() for p, _ in samples)
     kept, dropped = [], []
     for path, label in samples:
         entry = {"path": path, "label": label, "note": None, "xml": None}

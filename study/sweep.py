@@ -92,7 +92,7 @@ def concatenate_tables(points: list[dict], dirs: list[str]) -> dict[str, pd.Data
     collected: dict[str, list[pd.DataFrame]] = {}
     for point, directory in zip(points, dirs):
         for csv in sorted((Path(directory) / "figures").glob("*.csv")):
-            table = pd.read_csv(csv)
+            table = pd.read_csv(csv, keep_default_na=False, na_values=[""])  # "n/a" is a verdict, not a NaN
             table = table.drop(columns=[key for key in point if key in table.columns])  # e.g. findings' own profile
             for offset, (key, value) in enumerate(point.items()):
                 table.insert(offset, key, value)

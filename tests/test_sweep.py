@@ -36,3 +36,15 @@ def test_dask_sweep_of_the_tour_runs_skips_and_reports_failures(tmp_path):
     again, _ = sweep.sweep("00_tour", {"profile": ["smoke"], "seed": [0, 1], "epochs": [1]}, name="t",
                            executor="local", runs_dir=tmp_path)
     assert [o["status"] for o in again] == ["skipped", "skipped"]
+
+
+def test_concatenated_tables_keep_the_verdict_n_a_and_read_empty_cells_as_missing(tmp_path):
+    """'n/a' is one of the verdicts; pandas' default would read it as NaN (and the robustness
+    table then fails to count it)."""
+    points, dirs = [{"seed": 0}, {"seed": 1}], [tmp_path / "a", tmp_path / "b"]
+    for directory, verdict in zip(dirs, ["n/a", "reproduced"]):
+        (directory / "figures").mkdir(parents=True)
+        (directory / "figures" / "findings.csv").write_text(f"claim,verdict,value\nC,{verdict},\n")
+    table = sweep.concatenate_tables(points, [str(d) for d in dirs])["findings"]
+    assert table["verdict"].tolist() == ["n/a", "reproduced"] and table["seed"].tolist() == [0, 1]
+    assert table["value"].isna().all()

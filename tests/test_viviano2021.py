@@ -126,7 +126,7 @@ def test_prefill_trains_batched_seeds_here_and_the_rest_in_workers_then_train_al
         v.experiment_settings("smoke", workers=0)
 
 
-@pytest.mark.parametrize("method", ["masked", "gradmask", "rrr"])
+@pytest.mark.parametrize("method", ["gradmask", "rrr"])  # plain CE (masked, ...) is covered by test_train_many
 def test_seeds_trained_together_match_train_method_one_by_one(smoke, tmp_path, monkeypatch, method):
     """fit_many over the seeds (per-seed data, masks and batch order; the input-gradient losses
     per run) gives each seed the model, history and selected epoch `train_method` trains alone.

@@ -2,8 +2,10 @@
 
 The protocol card is ../shared/papers/tomsett2020.md. The story of the notebook:
 
-1. data and model (`load_dataset`, `train_model`): scikit-learn digits + the pilot CNN by default,
-   the synthetic 32×32 shapes or CIFAR-10 + the mini-VGG otherwise;
+1. data and model (`setup`: `load_dataset` + `train_model`): scikit-learn digits + the pilot CNN by
+   default, the synthetic 32×32 shapes or CIFAR-10 + the mini-VGG otherwise; or, with
+   `dataset="folder"`, your own ImageFolder tree and torchvision classifier (`load_folder` +
+   `load_model`, through the loaders of `study.imagenet` that notebook 02 uses), not trained here;
 2. saliency maps of the card's methods for the predicted class (`compute_maps`);
 3. the expensive step, every metric × implementation variant × method score per image, in one
    long table (`score_table`, cached on disk by `cached_score_table`);
@@ -26,6 +28,7 @@ import hashlib
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -36,13 +39,16 @@ from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
-from study import attribution, config, data, metrics, plots, train
+from study import attribution, config, data, imagenet, metrics, plots, train
 from study.findings import interval_verdict
 from study.models import MiniVGG, SmallCNN
 
 SECTION = "tomsett2020"
 NOTEBOOK = "01_sanity_checks_for_saliency_metrics"
-DATASETS = ("digits", "synth_cifar", "cifar10")
+TRAINED_DATASETS = ("digits", "synth_cifar", "cifar10")  # the model is trained here
+DATASETS = (*TRAINED_DATASETS, "folder")  # folder: your images and your model (weights_path), nothing trained
+TRAINING_SETTINGS = ("epochs", "width", "n_train", "n_valid", "n_test")
+MAP_BATCH_SIZE = 50  # images per attribution call (SmoothGrad's noise depends on the batch an image is in)
 SCORE_CACHE_VERSION = 2  # 2: an undefined faithfulness value is stored as NaN (was 0)
 
 METRICS = ("aopc_morf", "aopc_lerf", "abpc", "faithfulness")
@@ -83,9 +89,14 @@ def experiment_settings(profile: str, dataset: str = "digits", **overrides) -> d
     """The profile's `tomsett2020` section resolved for `dataset`, with the notebook's overrides."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    given = [key for key in TRAINING_SETTINGS if overrides.get(key) is not None]
+    if dataset == "folder" and given:
+        raise ValueError(f"{', '.join(given)} set the model trained here; dataset='folder' trains nothing (it "
+                         "evaluates your model from weights_path): leave them None")
     s = config.settings(profile, SECTION, **overrides)
-    for key in ("epochs", "width", "n_train", "n_valid", "n_test"):
-        s[key] = _for_dataset(s[key], dataset)
+    for key in TRAINING_SETTINGS:  # dataset="folder": no training, so none of them applies
+        s[key] = None if dataset == "folder" else _for_dataset(s[key], dataset)
+    s["map_batch_size"] = MAP_BATCH_SIZE
     if s["score"] not in OUTPUTS:
         raise ValueError(f"score must be one of {list(OUTPUTS)}, got {s['score']!r}")
     s["outputs"] = [s["score"]] + [o for o in s["outputs"] if o != s["score"]]
@@ -225,6 +236,8 @@ def load_dataset(dataset: str, seed: int, s: dict, data_root=None, verify_cifar:
 
         bundle = {"train": _take(load("train"), s["n_train"]), "valid": load("valid"),
                   "test": _take(load("test"), s["n_test"])}
+    elif dataset == "folder":
+        raise ValueError("dataset='folder' goes with your model: load it with setup(...) or load_folder(...)")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     if "dataset_mean" not in bundle:
@@ -267,7 +280,117 @@ def train_model(bundle: dict, s: dict, seed: int, device: str = "auto") -> dict:
     test = train.evaluate(result.model, data.make_loader(bundle["test"], 256, False, seed), device)
     architecture = "Standardise + MiniVGG" if dataset == "cifar10" else type(result.model).__name__
     return {"model": result.model.eval(), "test_accuracy": test["accuracy"], "history": pd.DataFrame(result.history),
-            "from_cache": result.from_cache, "architecture": architecture, "n_train": params["n_train"]}
+            "from_cache": result.from_cache, "architecture": architecture, "n_train": params["n_train"],
+            "units": f"one trained model (seed {seed})"}
+
+
+def load_folder(s: dict, data_root, model: str | None, image_size: int | None = None, mean=None, std=None) -> dict:
+    """Your own images (`dataset="folder"`) as `model` sees them, in the bundle of `load_dataset`.
+
+    `data_root` is an ImageFolder tree (one sub-folder of images per class; class index = position
+    of the folder name in sorted order), read by `study.imagenet.load_image_folder` (XML files
+    beside the images are ignored: no metric here needs boxes) with the first ⌈n_images / classes⌉
+    images of each class, then the first `s["n_images"]` of those (lowered to the images found).
+    Resize / crop / normalisation: `study.imagenet.input_settings` (the architecture's torchvision
+    preset, or `image_size`, `mean`, `std`); the pixels stay in [0, 1] and the normalisation goes
+    into the model (`load_model`), as on the CIFAR-10 path.
+
+    No training set exists, so the "mean" replacement value is the per-channel mean of these images
+    (a dataset statistic, fixed for every image and method: card §7.10), and there is no train /
+    valid split. The batch sizes shrink with the image area (the profile's are for 32-px images).
+    ValueError naming the parameter: data_root or model None, an unknown architecture, image_size
+    / mean / std malformed, an image size whose L steps are not equal squares, fewer than 2 images."""
+    arch = imagenet.check_folder_inputs(data_root, model)
+    preset = imagenet.input_settings(arch, image_size, mean, std)
+    side = preset["crop"]
+    try:
+        geometry(side, s["steps"])
+    except ValueError as error:
+        raise ValueError(f"image_size {side} ({'given' if image_size else f'the {arch} preset'}) does not split "
+                         f"into L = {s['steps']} equal square steps ({error}); pass image_size= a multiple of 8, "
+                         f"e.g. 32, 64, 128 or 224") from None
+    arrays = imagenet.load_image_folder(data_root, n_images=s["n_images"], resize=preset["resize"], crop=side,
+                                        boxes=False)
+    found = len(arrays["labels"])
+    if found < 2:
+        raise ValueError(f"data_root holds {found} image; the reliability analyses need at least 2 images "
+                         f"(the profile asks for {s['n_images']})")
+    s["n_images"] = n = min(int(s["n_images"]), found)
+    area = (32 / side) ** 2  # memory of one batch ~ batch × side²: keep the profile's budget at 32 px
+    s["batch_size"] = max(16, int(s["batch_size"] * min(1.0, area)))
+    s["map_batch_size"] = max(1, int(MAP_BATCH_SIZE * min(1.0, area)))
+    test = {"images": arrays["images"][:n], "labels": arrays["labels"][:n]}
+    counts = np.bincount(test["labels"], minlength=len(arrays["classes"]))
+    return {"name": "folder", "train": None, "valid": None, "test": test,
+            "dataset_mean": data.channel_stats(test["images"])[0].round(6).tolist(), "channels": 3,
+            "image_size": side, "num_classes": len(arrays["classes"]), "classes": list(arrays["classes"]),
+            "class_counts": counts.tolist(), "files": arrays["files"][:n], "architecture": arch, "input": preset}
+
+
+def load_model(bundle: dict, weights_path, device: str = "auto", batch_size: int = 16) -> dict:
+    """The torchvision `bundle["architecture"]` with the state dict in `weights_path`
+    (`study.imagenet.torchvision_model`: torch.load(weights_only=True), its outputs checked against
+    the class folders), behind a `Standardise` layer with the folder's `mean` / `std`, in eval mode;
+    nothing is trained. Returns the keys of `train_model`; `test_accuracy` is the accuracy on the
+    evaluated images (predicted class vs class folder), `n_train` is None."""
+    device = config.get_device(device)
+    arch, preset = bundle["architecture"], bundle["input"]
+    net = imagenet.torchvision_model(arch, weights_path, bundle["num_classes"], device, image_size=bundle["image_size"],
+                                     classes_from=f"data_root has {bundle['num_classes']} class folders")
+    model = nn.Sequential(Standardise(preset["mean"], preset["std"]), net).to(device).eval()
+    test = train.evaluate(model, data.make_loader(bundle["test"], batch_size, False, 0), device)
+    return {"model": model, "test_accuracy": test["accuracy"], "history": pd.DataFrame(), "from_cache": False,
+            "architecture": f"Standardise + {arch}", "n_train": None, "weights": Path(weights_path).name,
+            "units": f"one model ({arch} from weights_path, not trained here)"}
+
+
+def setup(dataset: str, seed: int, s: dict, device: str = "auto", data_root=None, model: str | None = None,
+          weights_path=None, image_size: int | None = None, mean=None, std=None) -> tuple[dict, dict]:
+    """(bundle, model_run) of the notebook's first step: `load_dataset` + `train_model` for the built-in
+    datasets, `load_folder` + `load_model` for `dataset="folder"` (your images and weights; nothing
+    trained). `model`, `weights_path`, `image_size`, `mean` and `std` apply to the folder only."""
+    if dataset != "folder":
+        given = [name for name, value in (("model", model), ("weights_path", weights_path), ("image_size", image_size),
+                                          ("mean", mean), ("std", std)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to dataset='folder' (your images and model); dataset="
+                             f"{dataset!r} trains the notebook's own model on its own data")
+        bundle = load_dataset(dataset, seed, s, data_root=data_root)
+        return bundle, train_model(bundle, s, seed, device=device)
+    if s.get("dataset") != "folder":
+        raise ValueError("for dataset='folder' make the settings with experiment_settings(profile, 'folder', ...)")
+    bundle = load_folder(s, data_root, model, image_size, mean, std)
+    return bundle, load_model(bundle, weights_path, device, s["batch_size"])
+
+
+def describe_setup(bundle: dict, model_run: dict, s: dict) -> str:
+    """What the first step loaded or trained, in a few printed lines."""
+    if bundle["name"] != "folder":
+        return (f"{model_run['architecture']} on {bundle['name']}: {model_run['n_train']} training images, "
+                f"{len(bundle['test']['labels'])} test images, {s['epochs']} epochs (from cache: "
+                f"{model_run['from_cache']})\ntest accuracy {model_run['test_accuracy']:.3f}; mean-replacement value "
+                f"(train-set mean) {[round(x, 3) for x in bundle['dataset_mean']]}")
+    preset = bundle["input"]
+    classes = ", ".join(f"{c} ({k})" for c, k in zip(bundle["classes"], bundle["class_counts"]))
+    return (f"{model_run['architecture']} from weights_path {model_run['weights']} (not trained here) on your "
+            f"images: {s['n_images']} images of {bundle['num_classes']} class folders: {classes}\n"
+            f"Resize({preset['resize']}) → CenterCrop({preset['crop']}), normalised inside the model with mean "
+            f"{[round(x, 3) for x in preset['mean']]}, std {[round(x, 3) for x in preset['std']]}\n"
+            f"accuracy on these images (predicted class vs class folder) {model_run['test_accuracy']:.3f}; "
+            f"mean-replacement value (no training set: the per-channel mean of these images) "
+            f"{[round(x, 3) for x in bundle['dataset_mean']]}")
+
+
+def model_check(bundle: dict, model_run: dict) -> str:
+    """The printed check of the model: the trained model learned its task; your model is only reported."""
+    if bundle["name"] != "folder":
+        return f"the model learned the task (test accuracy > 0.9): {model_run['test_accuracy'] > 0.9}"
+    return (f"your model was not trained here; its accuracy on the evaluated images is "
+            f"{model_run['test_accuracy']:.2f} (the metrics explain the predicted class, right or wrong)")
+
+
+FOLDER_PILOT_NOTE = ("note: the project pilot column is the card's digits pilot (16×16 digits, its pilot CNN), a "
+                     "reference point, not an expectation for your model and images")
 
 
 def select_images(bundle: dict, model: nn.Module, n_images: int, device: str = "auto") -> dict:
@@ -897,9 +1020,11 @@ def plot_class_dependence(table: pd.DataFrame, variant: str, metric: str = "aopc
 
 # ============================================================================ all analyses at once
 
-def analyse(table: pd.DataFrame, variants: list[Variant], alpha_ci: bool = True, seed: int = 0) -> dict:
+def analyse(table: pd.DataFrame, variants: list[Variant], alpha_ci: bool = True, seed: int = 0,
+            model_units: str | None = None) -> dict:
     """Every analysis of card §5.5 on the long table (each one a group-by of it), and the intervals
-    the findings' rules read. `seed` is the seed of the one trained model (reported in `units`)."""
+    the findings' rules read. `seed` is the seed of the one trained model and `model_units` the
+    model's part of `units` (default "one trained model (seed …)"; `model_run["units"]`)."""
     primary = {v.replacement: v.label for v in primary_variants(variants)}
     if not {"dataset_mean", "uniform"} <= set(primary):
         raise ValueError(f"the analyses compare mean and uniform replacement at the first granularity, score and "
@@ -926,7 +1051,7 @@ def analyse(table: pd.DataFrame, variants: list[Variant], alpha_ci: bool = True,
         "pilot_methods": pilot,
         "methods": methods,
         "n_images": n_images,
-        "units": f"{n_images} images, one trained model (seed {seed})",
+        "units": f"{n_images} images, {model_units or f'one trained model (seed {seed})'}",
     }
 
 
@@ -1126,14 +1251,18 @@ def scale_table(s: dict, bundle: dict, model_run: dict, methods: list[str], skip
     """The scale of this run next to the card's recipe (§5) and the paper (§2, mostly n/a)."""
     side = bundle["image_size"]
     used = ", ".join(methods) + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+    trained = model_run["n_train"] is not None  # dataset="folder": your weights, nothing trained here
     rows = [
         ("data", "CIFAR-10 (unverified)", "digits 16×16 (D1); SynthCIFAR / CIFAR-10 32×32",
          f"{bundle['name']} {side}×{side}×{bundle['channels']}"),
-        ("training images", "45,000 [code]", "1,400 (D1) / 5,000 / 45,000", f"{model_run['n_train']:,}"),
+        ("training images", "45,000 [code]", "1,400 (D1) / 5,000 / 45,000",
+         f"{model_run['n_train']:,}" if trained else "n/a (not trained here: weights from weights_path)"),
         ("model", "mini-VGG 32-64-128 [code]", "pilot CNN width 16 (D1) / mini-VGG 16-32-64",
-         f"{model_run['architecture']}, width {s['width']}"),
-        ("epochs", "early stopping, patience 50 [code]", "15 (D1) / ≤ 20", str(s["epochs"])),
-        ("test accuracy", "n/a", "≈ 0.99 (D1)", f"{model_run['test_accuracy']:.3f}"),
+         f"{model_run['architecture']}, width {s['width']}" if trained else
+         f"{model_run['architecture']} ({model_run.get('weights', 'weights_path')})"),
+        ("epochs", "early stopping, patience 50 [code]", "15 (D1) / ≤ 20", str(s["epochs"]) if trained else "n/a"),
+        ("test accuracy", "n/a", "≈ 0.99 (D1)", f"{model_run['test_accuracy']:.3f}"
+         + ("" if trained else " (the evaluated images)")),
         ("images evaluated", "n/a", "200", str(s["n_images"])),
         ("methods", "n/a (unverified: Random, Sobel, Gradient, I×G, SmoothGrad, Deep Taylor, ε-LRP)",
          "Random, Sobel, Gradient, I×G, IG, SmoothGrad (+ optional LRP)", used),
@@ -1150,6 +1279,9 @@ def scale_table(s: dict, bundle: dict, model_run: dict, methods: list[str], skip
 
 def quirk_choices(s: dict, geo: Geometry) -> pd.DataFrame:
     """The card's quirks Q1–Q10 and the choice this run makes."""
+    folder = s.get("dataset") == "folder"
+    mean = ("mean = the per-channel mean of the evaluated images (dataset='folder' has no training set)" if folder
+            else "mean = train-set mean")
     rows = [
         ("Q1", "no metric code released",
          "every metric re-implemented from the card's formulas (study.metrics); variant settings printed"),
@@ -1157,7 +1289,7 @@ def quirk_choices(s: dict, geo: Geometry) -> pd.DataFrame:
          f"primary score: {s['score']} of the predicted class; the other as extra variants"),
         ("Q3", "AOPC normalisation", "1/(L+1) with the k = 0 term"),
         ("Q4", "Quantus' replacement semantics differ",
-         "own perturbation loop; mean = train-set mean, uniform = one U(0,1) image per test image shared by all "
+         f"own perturbation loop; {mean}, uniform = one U(0,1) image per test image shared by all "
          f"methods and metrics, zero = black, blur = Gaussian σ {geo.blur_sigma:g} px (kernel {geo.blur_kernel_size})"),
         ("Q5", "argsort is not a rank",
          "α on scipy rankdata ranks within each image (ties averaged); mean-score rankings break exact ties by method order"),
@@ -1166,6 +1298,7 @@ def quirk_choices(s: dict, geo: Geometry) -> pd.DataFrame:
         ("Q8", "tied saliency values", "stable sort: tied features go in raster order"),
         ("Q9", "maps of the pre-softmax model, predicted class", "gradients of the predicted class's logit"),
         ("Q10", "mini-VGG variant: n/a",
+         "not applicable: your model from weights_path, not trained here" if folder else
          "with bias, hard labels; L2 1e-4 as Adam weight decay on all weights (card: convolutions only)"),
         ("extra", "faithfulness is undefined when no single-feature replacement moves the score",
          "stored as NaN (missing) and counted; left out of means, ranks, α and correlations"),
@@ -1290,7 +1423,12 @@ def rule_class_dependence(cells: pd.DataFrame, units: str) -> dict:
     """Rule 4: a real method's class effect ε² exceeds Random's (CI of the excess > 0) in more than half of the cells."""
     _require(cells, ["metric", "method", "excess", "excess_low", "excess_high"], "rule_class_dependence")
     certain, possible, total = _cells(cells, "excess_low", "excess_high", lambda lo, hi: lo > 0, lambda lo, hi: hi > 0)
-    needed = _majority(total) if total else 1
+    if total == 0:  # e.g. your folder with one evaluated image per class: no class effect can be measured
+        return _row(CLAIMS["classes"], "not tested: no class effect could be measured (it needs at least two classes "
+                    "with two or more evaluated images each, and scores that vary); raise n_images or evaluate fewer "
+                    "classes", "not tested", "class effect ε² − ε²(Random) with a defined interval", units,
+                    "not estimated (no cell with a defined interval)")
+    needed = _majority(total)
     text = (f"class effect ε² (Kruskal–Wallis H/(n−1)) minus the Random map's, real method × metric cells at mean "
             f"replacement: median {cells['excess'].median():.3f} (range {_range(cells['excess'])})")
     return _row(CLAIMS["classes"], text, count_verdict(certain, possible, needed),

@@ -200,10 +200,7 @@ def prepare_folder(profile: str, seed: int, data_root, model: str, image_size: i
     counted in `dropped_no_target_box`."""
     from study import imagenet
 
-    geometry = imagenet.input_settings(model, image_size, mean, std)
-    if data_root is None:
-        raise ValueError("dataset='folder' needs data_root: a folder with one sub-folder of images per class "
-                         "(an ImageFolder tree)")
+    geometry = imagenet.input_settings(imagenet.check_folder_inputs(data_root, model), image_size, mean, std)
     s = config.settings(profile, SECTION, **overrides)
     arrays = imagenet.load_image_folder(data_root, n_images=s["n_images"], resize=geometry["resize"],
                                         crop=geometry["crop"])
@@ -260,12 +257,8 @@ def setup(profile: str, seed: int, dataset: str = "synth_objects_64", device: st
                              f"imagenet_arch={imagenet_arch!r}")
         model = imagenet_arch
     if dataset in ("imagenet", "folder"):
-        if model is None and dataset == "imagenet":
-            model = "vgg16"
-        if model is None:
-            raise ValueError("dataset='folder' needs model: the name of your torchvision classification "
-                             "architecture (e.g. 'resnet18', 'vgg11_bn'), and weights_path: its state-dict file")
-        model = imagenet.check_architecture(model)
+        model = (imagenet.check_folder_inputs(data_root, model) if dataset == "folder"
+                 else imagenet.check_architecture("vgg16" if model is None else model))
         if dataset == "imagenet":
             geometry = imagenet.input_settings(model, image_size, mean, std)
             prepared = prepare_imagenet(profile, seed, data_root, class_list, resize=geometry["resize"],
