@@ -637,3 +637,24 @@ def test_imagenet_path_with_a_cropped_box_does_not_crash(imagenet_root_cropped, 
     raw = imagenet.load_imagenet_boxes(imagenet_root_cropped, class_list=[WNIDS[0], WNIDS[1]], resize=73, crop=64)
     guarded = V.evaluation_set({**prepared, "test": raw}, 10)
     assert len(guarded["labels"]) == 1 and guarded["masks"].flatten(1).any(1).all()
+
+
+def test_lrp_is_the_cards_rule_zb_on_the_first_layer_with_the_standardised_pixel_range(tiny):
+    """Card §3: LRP α1β0 with the zB rule on the first layer, whose bounds are the lowest and highest
+    standardised value a [0, 1] pixel can take, (0 − mean)/std and (1 − mean)/std per channel."""
+    prepared = tiny["prepared"]
+    evaluation = V.evaluation_set(prepared, 3)
+    mean, std = np.asarray(prepared["mean"]), np.asarray(prepared["std"])
+    assert torch.allclose(evaluation["input_low"][:, :, 0, 0], torch.as_tensor(-mean / std, dtype=torch.float32).expand(3, -1))
+    assert torch.allclose(evaluation["input_high"][:, :, 0, 0], torch.as_tensor((1 - mean) / std, dtype=torch.float32).expand(3, -1))
+    model = tiny["runs"]["vgg_like"]["model"]
+    maps = V.compute_maps(model, evaluation, SIZES, seed=0)
+    steps = V.postprocessing(evaluation["images"].shape[-1])["base"]
+    zb = attribution.explain(model, evaluation["images"], evaluation["labels"], "deep_taylor", reduce=None,
+                   low=evaluation["input_low"][:1], high=evaluation["input_high"][:1])
+    plain = attribution.explain(model, evaluation["images"], evaluation["labels"], "lrp_alpha1beta0", reduce=None)
+    assert torch.allclose(maps["lrp_alpha1beta0"][1], attribution.postprocess(zb, steps), atol=1e-6)
+    assert not torch.allclose(maps["lrp_alpha1beta0"][1], attribution.postprocess(plain, steps), atol=1e-3)
+    without = {k: v for k, v in evaluation.items() if k != "input_low"}
+    with pytest.raises(ValueError, match="input_low"):
+        V.compute_maps(model, without, SIZES, seed=0)

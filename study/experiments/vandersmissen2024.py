@@ -28,7 +28,7 @@ from study import attribution, config, data, metrics, train
 from study.models import ResNetLike, VGGLike
 
 SECTION = "vandersmissen2024"
-CACHE_VERSION = 2  # 2: LRP through zennit, now also on the ResNet-like
+CACHE_VERSION = 3  # 2: LRP through zennit, now also on the ResNet-like; 3: zB on its first layer (card)
 ARCHITECTURES = {"vgg_like": VGGLike, "resnet_like": ResNetLike}
 ARCH_LABELS = {"vgg_like": "VGG-like", "resnet_like": "ResNet-like", "vgg16": "VGG16", "resnet50": "ResNet50"}
 
@@ -149,7 +149,7 @@ def evaluation_set(prepared: dict, n_images: int) -> dict:
     boxes = [np.asarray(b) for b in test["boxes"][:n]]
     if not prepared.get("localisation", True):
         return {"pixels": images, "images": data.standardise(images, prepared["mean"], prepared["std"]),
-                "labels": labels, "boxes": boxes, "masks": None}
+                "labels": labels, "boxes": boxes, "masks": None, **_input_range(prepared, len(images))}
     masks = attribution.boxes_to_masks(boxes, images.shape[-2], images.shape[-1], labels.tolist()) > 0
     keep = masks.flatten(1).any(dim=1)  # no target-class box in the image: the pointing game is undefined
     if not bool(keep.any()):
@@ -158,7 +158,17 @@ def evaluation_set(prepared: dict, n_images: int) -> dict:
         images, labels, masks = images[keep], labels[keep], masks[keep]
         boxes = [b for b, k in zip(boxes, keep.tolist()) if k]
     return {"pixels": images, "images": data.standardise(images, prepared["mean"], prepared["std"]),
-            "labels": labels, "boxes": boxes, "masks": masks}
+            "labels": labels, "boxes": boxes, "masks": masks, **_input_range(prepared, len(images))}
+
+
+def _input_range(prepared: dict, n: int) -> dict:
+    """The lowest and highest standardised value of each channel ([0, 1] pixels through the
+    normalisation), (n, C, 1, 1) like the images so that chunks slice them alike: the bounds of the
+    zB rule on the first layer (card §3 LRP)."""
+    channels = np.asarray(prepared["test"]["images"]).shape[1]
+    ends = [data.standardise(torch.full((1, channels, 1, 1), value), prepared["mean"], prepared["std"]).expand(n, -1, -1, -1)
+            for value in (0.0, 1.0)]
+    return {"input_low": ends[0].clone(), "input_high": ends[1].clone()}
 
 
 def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_classes: int = 100, resize: int = 256,
@@ -317,9 +327,9 @@ def quirk_choices(tie_break: str, rise_p: float) -> pd.DataFrame:
         ("Q9 region steps", "overlapping patches around the next most-salient unremoved pixel; one pass per "
                             "1/steps of the area"),
         ("uniform baseline", "U(0,1) in pixel space, then standardised (card: unverified which space)"),
-        ("LRP", "α1β0 on every Conv/Linear, the first layer included, via zennit (BatchNorm merged into the "
-                "preceding layer, residual sums split in proportion to the branches), both models; the card's zB "
-                "first-layer rule exists as the `deep_taylor` method but is not used here"),
+        ("LRP", "the card's rule via zennit: zB on the first layer (bounds: the standardised range of [0, 1] "
+                "pixels), α1β0 on every other Conv/Linear (BatchNorm merged into the preceding layer, residual "
+                "sums split in proportion to the branches), both models (`deep_taylor`)"),
     ]
     return pd.DataFrame(rows, columns=["quirk", "choice in this run"])
 
@@ -371,7 +381,16 @@ def compute_maps(model, evaluation: dict, settings: dict, seed: int, rise_p: flo
     images, labels = evaluation["images"], evaluation["labels"]
     size = images.shape[-1]
     steps = postprocessing(size)
-    raw = attribution.explain_many(model, images, labels, method_plan(model, settings, size, seed, rise_p), batch_size)
+    plan = method_plan(model, settings, size, seed, rise_p)
+    lrp = plan.pop("lrp_alpha1beta0", None)
+    raw = attribution.explain_many(model, images, labels, plan, batch_size)
+    if lrp is not None:  # the card's LRP: α1β0 (= z⁺) everywhere but zB on the first layer, i.e. Deep Taylor
+        if "input_low" not in evaluation or "input_high" not in evaluation:
+            raise ValueError("the evaluation set needs input_low / input_high (the standardised range of the "
+                             "pixels) for LRP's zB first-layer rule; build it with evaluation_set")
+        bounds = {"low": evaluation["input_low"][:1].to(images.device), "high": evaluation["input_high"][:1].to(images.device)}
+        raw["lrp_alpha1beta0"] = attribution.explain_many(model, images, labels, {"deep_taylor": {**lrp, **bounds}},
+                                                          batch_size)["deep_taylor"]
     maps = {name: ("method", attribution.postprocess(raw[name], steps["base"])) for name in METHODS if name in raw}
     if evaluation.get("masks") is not None:  # no boxes: no GT-box map
         gt = attribution.explain(None, images, labels, REFERENCE, boxes=evaluation["boxes"], match_target=True)
