@@ -111,6 +111,7 @@ def run_notebook(
             parameters[name] = str(Path(parameters[name]).resolve())
     runs_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("STUDY_PROGRESS", "0")  # no bars inside executed copies (the kernel inherits it)
+    os.environ.setdefault("STUDY_HEADLESS", "1")  # no widgets either (study.explore.headless)
     final = runs_dir / notebook.name
     partial = runs_dir / f".{notebook.stem}.partial.ipynb"
     try:
@@ -172,6 +173,7 @@ def refresh_notebook(name: str | Path, timeout: int = 1800) -> Path:
     """
     notebook = find_notebook(name)
     os.environ.setdefault("STUDY_PROGRESS", "0")
+    os.environ.setdefault("STUDY_HEADLESS", "1")
     nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
         nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(notebook.parent)}},

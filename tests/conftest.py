@@ -6,6 +6,7 @@ import torch
 
 # no progress bars in test logs, nor in the kernels nbval starts (they inherit the environment)
 os.environ.setdefault("STUDY_PROGRESS", "0")
+os.environ.setdefault("STUDY_HEADLESS", "1")  # nbval's kernels: no widgets (study.explore.headless)
 
 
 @pytest.fixture(scope="module")

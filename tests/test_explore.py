@@ -11,6 +11,13 @@ from study.models import SmallCNN
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def interactive(monkeypatch):
+    """The suite runs headless (conftest sets STUDY_HEADLESS=1 for nbval's kernels); these tests
+    drive the widgets, as in JupyterLab."""
+    monkeypatch.delenv("STUDY_HEADLESS", raising=False)
+
+
 @pytest.fixture(scope="module")
 def setup():
     arrays = data.make_shapes(4, 0, "synth_objects_64")
@@ -62,3 +69,15 @@ def test_bad_input_is_a_clear_value_error(setup):
     with pytest.raises(ValueError, match="dict"):
         parse_options("[1, 2]")
     assert parse_options("") == {} and parse_options("{'steps': 3}") == {"steps": 3}
+
+
+def test_headless_kernels_get_the_first_views_scores_and_no_widget(setup, monkeypatch, capsys):
+    """Under papermill / nbval (STUDY_HEADLESS=1) no widget is opened (nbclient can hang on them)."""
+    model, images, labels, masks = setup
+    widget = explorer(model, images, labels, masks=masks, steps=8)
+    monkeypatch.setenv("STUDY_HEADLESS", "1")
+    table = explorer(model, images, labels, masks=masks, steps=8)
+    assert "interactive" in capsys.readouterr().out
+    assert table["score"].to_dict() == pytest.approx({k: round(v, 3) for k, v in widget.result["scores"].items()})
+    with pytest.raises(ValueError, match="unknown method|method"):
+        explorer(model, images, labels, methods=["magic"])
