@@ -28,11 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.metrics import f1_score
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from study import config
+from study.metrics.localisation import rasterise_boxes
 
 LAYERS = ("input", "mid", "final")
 FAMILIES = ("vanilla", "xdnn", "bcos")
@@ -382,13 +384,15 @@ def guidance_loss(name: str, maps: torch.Tensor, masks: torch.Tensor, reduction:
 # ----------------------------------------------------------------------------- annotations
 
 def class_box_masks(boxes: Sequence, num_classes: int, height: int, width: int) -> torch.Tensor:
-    """(N,K,H,W) bool: M_k = the union of the boxes [cls, x0, y0, x1, y1) of class k in each image."""
+    """(N,K,H,W) bool: M_k = the union of the boxes [cls, x0, y0, x1, y1) of class k in each image
+    (`study.metrics.rasterise_boxes`)."""
     masks = torch.zeros((len(boxes), num_classes, height, width), dtype=torch.bool)
     for i, rows in enumerate(boxes):
-        for cls, x0, y0, x1, y1 in np.asarray(rows, np.int64).reshape(-1, 5):
+        rows = np.asarray(rows, np.float64).reshape(-1, 5)
+        for cls in np.unique(rows[:, 0]).astype(np.int64):
             if not 0 <= cls < num_classes:
                 raise ValueError(f"box class {cls} of image {i} is outside [0, {num_classes})")
-            masks[i, cls, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+            masks[i, cls] = torch.from_numpy(rasterise_boxes(rows[rows[:, 0] == cls, 1:], height, width))
     return masks
 
 
@@ -447,7 +451,8 @@ def sample_loss_classes(labels: torch.Tensor, generator: torch.Generator) -> tor
 # ----------------------------------------------------------------------------- metrics
 
 def micro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Micro F1 over all (image, class) decisions at logit ≥ 0: 2TP / (2TP + FP + FN) (0 if undefined)."""
+    """Micro F1 over all (image, class) decisions at logit ≥ 0: 2TP / (2TP + FP + FN) (0 if undefined;
+    `sklearn.metrics.f1_score`)."""
     logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
     if logits.shape != labels.shape or logits.ndim != 2:
         raise ValueError(f"logits and labels must both be (N,K), got {tuple(logits.shape)} and {tuple(labels.shape)}")
@@ -455,11 +460,7 @@ def micro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
         raise ValueError("logits contain NaN or Inf")
     if not ((labels == 0) | (labels == 1)).all():
         raise ValueError("labels must be multi-hot 0/1")
-    predicted, truth = logits >= 0, labels > 0.5
-    tp = (predicted & truth).sum().item()
-    fp = (predicted & ~truth).sum().item()
-    fn = (~predicted & truth).sum().item()
-    return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
+    return float(f1_score((labels > 0.5).cpu().numpy(), (logits >= 0).cpu().numpy(), average="micro", zero_division=0))
 
 
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

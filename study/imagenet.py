@@ -45,6 +45,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from study.metrics.localisation import rasterise_boxes
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNSET_FILES = ("LOC_synset_mapping.txt", "synsets.txt", "wnids.txt", "synset_words.txt")
@@ -215,8 +217,7 @@ def load_imagenet_boxes(root, *, n_classes: int | None = None, per_class: int | 
     boxes, unclipped = list(boxes), list(unclipped)
     masks = np.zeros((len(picked), 1, crop, crop), bool)
     for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
-        for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
-            masks[i, 0, y0:y1, x0:x1] = True
+        masks[i, 0] = rasterise_boxes(image_boxes[image_boxes[:, 0] == label, 1:], crop, crop)
     keep = masks.any(axis=(1, 2, 3)) if require_target_box else np.ones(len(picked), bool)
     dropped = [str(e["path"].relative_to(root)) for e, k in zip(picked, keep) if not k]
     if not keep.any():
@@ -515,8 +516,7 @@ def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, c
         unclipped = [e["unclipped"] for e in picked]
         masks = np.zeros((len(picked), 1, crop, crop), bool)
         for i, (label, image_boxes) in enumerate(zip(labels, boxes)):
-            for _cls, x0, y0, x1, y1 in image_boxes[image_boxes[:, 0] == label]:
-                masks[i, 0, y0:y1, x0:x1] = True
+            masks[i, 0] = rasterise_boxes(image_boxes[image_boxes[:, 0] == label, 1:], crop, crop)
     else:
         boxes = [np.zeros((0, 5), np.int64) for _ in picked]
         unclipped, masks = [b.copy() for b in boxes], None

@@ -32,6 +32,8 @@ from PIL import Image
 import study  # noqa: F401  (makes `import torchvision` work, see study._torchvision_compat)
 from torchvision.datasets import VOCDetection
 
+from study.metrics.localisation import rasterise_boxes
+
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -69,10 +71,7 @@ def scale_box(x0: float, y0: float, x1: float, y1: float, width: int, height: in
 
 
 def _box_union(boxes: np.ndarray, size: int) -> np.ndarray:
-    mask = np.zeros((1, size, size), bool)
-    for _cls, x0, y0, x1, y1 in boxes:
-        mask[0, y0:y1, x0:x1] = True
-    return mask
+    return rasterise_boxes(np.asarray(boxes)[:, 1:], size, size)[None]
 
 
 def _objects(annotation: dict) -> list[dict]:

@@ -352,3 +352,43 @@ def test_bad_inputs_raise_value_error():
         saliency_metric([0.5], [0.0])
     with pytest.raises(ValueError, match="tolerance"):
         pointing_game(good, m, tolerance=-1)
+
+
+# ----------------------------------------------------------------------------- box rasteriser
+
+
+def test_rasterise_boxes_known_answer_widening_and_clipping():
+    from study.metrics.localisation import rasterise_boxes
+
+    mask = rasterise_boxes([[1, 0, 3, 2]], 4, 5)  # columns 1-2, rows 0-1
+    expected = np.zeros((4, 5), bool)
+    expected[0:2, 1:3] = True
+    assert (mask == expected).all()
+    # fractional: floor the start, ceil the end; the second box is clipped to the image
+    mask = rasterise_boxes(np.array([[0.5, 1.2, 1.5, 1.8], [3.5, 3.5, 9.0, 9.0]]), 4, 5)
+    expected = np.zeros((4, 5), bool)
+    expected[1:2, 0:2] = True
+    expected[3:4, 3:5] = True
+    assert (mask == expected).all()
+    assert not rasterise_boxes(np.zeros((0, 4)), 3, 3).any()
+    assert not rasterise_boxes([[-5, -5, -1, -1]], 3, 3).any()  # wholly outside
+    with pytest.raises(ValueError, match="height and width"):
+        rasterise_boxes([[0, 0, 1, 1]], 0, 3)
+    with pytest.raises(ValueError, match="x1 < x0"):
+        rasterise_boxes([[2, 0, 1, 1]], 3, 3)
+    with pytest.raises(ValueError, match="finite|NaN"):
+        rasterise_boxes([[0, 0, np.nan, 1]], 3, 3)
+
+
+def test_every_box_to_mask_conversion_agrees():
+    # the three public converters (localisation, attribution, guidance) go through one rasteriser
+    from study import attribution, guidance
+
+    rows = np.array([[2, 0.5, 1.2, 3.5, 2.1], [1, 2, 2, 6, 6], [2, 4.7, 0, 5.2, 1.0]])
+    by_class = guidance.class_box_masks([rows], 3, 5, 6)[0]
+    for cls in (1, 2):
+        reference = boxes_to_mask([rows[rows[:, 0] == cls, 1:]], 5, 6)[0]
+        assert (by_class[cls].numpy() == reference).all()
+        drawn = attribution.boxes_to_masks([rows], 5, 6, classes=[cls])[0, 0].numpy().astype(bool)
+        assert (drawn == reference).all()
+    assert not by_class[0].any()

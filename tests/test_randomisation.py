@@ -4,6 +4,7 @@ import study  # noqa: F401
 
 import numpy as np
 import pytest
+from skimage.metrics import structural_similarity
 import torch
 from torch import nn
 
@@ -69,27 +70,42 @@ def test_spearman_similarity_known_values():
         spearman_similarity(a[:, 0], const, constant="raise")
 
 
-def test_ssim_identity_and_skimage_cross_check():
-    structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
+def test_ssim_is_skimage_on_min_max_normalised_maps():
     rng = np.random.default_rng(1)
     a = rng.random((2, 1, 16, 16))
     b = a + 0.3 * rng.random(a.shape)
     np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-12)
-    ours = ssim(a, b)
-    for i in range(2):
-        x = (a[i, 0] - a[i, 0].min()) / np.ptp(a[i, 0])
-        y = (b[i, 0] - b[i, 0].min()) / np.ptp(b[i, 0])
-        reference = structural_similarity(
-            x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
-        )
-        # tolerance 1e-10: the same Gaussian-window formula, differing only in float summation order
-        assert ours[i] == pytest.approx(reference, abs=1e-10)
+    for window in (5, 7):
+        ours = ssim(a, b, window_size=window)
+        for i in range(2):
+            x = (a[i, 0] - a[i, 0].min()) / np.ptp(a[i, 0])
+            y = (b[i, 0] - b[i, 0].min()) / np.ptp(b[i, 0])
+            assert ours[i] == structural_similarity(x, y, win_size=window, data_range=1.0)
     assert ssim(a, b, window_size=5).shape == (2,)
     assert ssim(np.ones((1, 12, 12)), np.ones((1, 12, 12))).tolist() == [1.0]  # constants -> zeros
+
+
+def test_ssim_known_answer_for_a_uniform_window():
+    # one 3x3 window: means 1/3 and 2/3 (x has 3 ones, y 6), sample variances 0.25 and 0.25,
+    # sample covariance (9·mean(xy) − 9·μxμy)/8 = (9·(3/9) − 9·2/9)/8 = 0.125
+    x = np.zeros((1, 3, 3))
+    x[0, 0] = 1
+    y = np.ones((1, 3, 3))
+    y[0, 2] = 0
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my, vx, vy, cov = 1 / 3, 2 / 3, 0.25, 0.25, 0.125
+    expected = (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert ssim(x, y, window_size=3, normalise=False)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ssim_rejects_bad_windows_and_ranges():
+    a = np.random.default_rng(0).random((2, 1, 16, 16))
     with pytest.raises(ValueError, match="window"):
-        ssim(a[:, :, :8, :8], b[:, :, :8, :8])
+        ssim(a[:, :, :6, :6], a[:, :, :6, :6])
     with pytest.raises(ValueError, match="odd"):
-        ssim(a, b, window_size=4)
+        ssim(a, a, window_size=4)
+    with pytest.raises(ValueError, match="normalise=False"):
+        ssim(2 * a, a, normalise=False)
 
 
 # ----------------------------------------------------------------------------- randomisation

@@ -21,6 +21,7 @@ Boxes are ``[x0, y0, x1, y1)`` in pixels with exclusive ends, so a box's area is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "iot",
     "overlap_scores",
     "boxes_to_mask",
+    "rasterise_boxes",
     "box_iou",
     "saliency_box",
     "localisation_error",
@@ -418,24 +420,36 @@ def _box_list(gt_boxes, batch: int, name: str = "gt_boxes") -> list[np.ndarray]:
     return items
 
 
+def rasterise_boxes(boxes, height: int, width: int) -> np.ndarray:
+    """The union of ``boxes`` (rows ``[x0, y0, x1, y1)`` in pixels, end-exclusive) as an ``(H, W)``
+    bool mask: rows y0 ≤ y < y1, columns x0 ≤ x < x1. Fractional coordinates are widened outwards
+    (floor of the start, ceil of the end); boxes are clipped to the image. The one box rasteriser of
+    the project: every box-to-mask conversion goes through it."""
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive; got {height}, {width}")
+    out = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in _boxes(boxes, "boxes").reshape(-1, 4):
+        r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), height)
+        c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), width)
+        if r1 > r0 and c1 > c0:
+            out[r0:r1, c0:c1] = True
+    return out
+
+
 def boxes_to_mask(boxes, height: int, width: int) -> np.ndarray:
-    """Rasterise boxes into union masks ``(B, H, W)`` (bool), clipped to the image.
+    """Union masks ``(B, H, W)`` (bool) of each image's boxes (:func:`rasterise_boxes`).
 
     ``boxes`` as for the ground truth of :func:`localisation_error`: ``(B, 4)``, ``(B, N, 4)`` or a
-    length-B list of ``(n_i, 4)``. Fractional coordinates are rounded to the nearest pixel edge.
+    length-B list of ``(n_i, 4)``.
     """
-    if int(height) <= 0 or int(width) <= 0:
-        raise ValueError(f"height and width must be positive; got {height}, {width}")
     if isinstance(boxes, (list, tuple)):
         items = [_boxes(item, "boxes").reshape(-1, 4) for item in boxes]
     else:
         b = _boxes(boxes, "boxes")
         items = [row[None] for row in b] if b.ndim == 2 else list(b)
-    out = np.zeros((len(items), int(height), int(width)), dtype=bool)
-    for i, item in enumerate(items):
-        for x0, y0, x1, y1 in np.rint(item).astype(np.int64):
-            out[i, max(y0, 0) : max(min(y1, height), 0), max(x0, 0) : max(min(x1, width), 0)] = True
-    return out
+    return np.stack([rasterise_boxes(item, height, width) for item in items]) if items else \
+        np.zeros((0, int(height), int(width)), dtype=bool)
 
 
 def box_iou(a, b) -> np.ndarray:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy import stats
+from skimage.metrics import structural_similarity
 from torch import nn
 
 from study.metrics.localisation import _flat, _maps
@@ -84,56 +84,31 @@ def spearman_similarity(a, b, abs: bool = False, constant: str = "zero") -> np.n
     return np.where(defined, np.clip(rho, -1.0, 1.0), np.where(flat_x & flat_y, 1.0, 0.0))
 
 
-def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
-    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
-
-
-def _min_max(x: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat))
-    return scaled.view_as(x)
-
-
-def ssim(
-    a, b, window_size: int = 11, sigma: float = 1.5, normalise: bool = True, k1: float = 0.01, k2: float = 0.03
-) -> np.ndarray:
-    """Structural similarity (Wang et al. 2004) between two maps of each image, ``(B,)``.
+def ssim(a, b, window_size: int = 7, normalise: bool = True) -> np.ndarray:
+    """Structural similarity (Wang et al. 2004) between two maps of each image, ``(B,)``:
+    ``skimage.metrics.structural_similarity`` with its defaults (a uniform ``window_size`` ×
+    ``window_size`` window, sample covariance, K1 = 0.01, K2 = 0.03) and data range 1.
 
     Maps are min-max normalised to [0, 1] per image first (``normalise=True``; a constant map
-    becomes all zeros), so the data range is 1 and C1 = (k1)², C2 = (k2)². Local statistics use a
-    normalised Gaussian window (``window_size`` × ``window_size``, ``sigma``) over the positions
-    where the window fits inside the image ("valid"), and the SSIM map is averaged. This equals
-    ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=1)`` for the default 11-px window. Phang et al. used a
-    window of 5. Identical maps give 1. Computed in float64 with torch.
+    becomes all zeros, and two constant maps score 1). Phang et al. used a window of 5.
     """
-    if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) or window_size < 1 or window_size % 2 == 0:
-        raise ValueError(f"window_size must be a positive odd integer; got {window_size!r}")
-    if not np.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a positive number; got {sigma!r}")
+    if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) or window_size < 3 \
+            or window_size % 2 == 0:
+        raise ValueError(f"window_size must be an odd integer ≥ 3; got {window_size!r}")
     x, y = _pair_maps(a, b)
     if x.shape[1] < window_size or x.shape[2] < window_size:
         raise ValueError(f"maps of size {x.shape[1:]} are smaller than the {window_size}-px SSIM window")
-    tx = torch.from_numpy(x)[:, None]
-    ty = torch.from_numpy(y)[:, None]
     if normalise:
-        tx, ty = _min_max(tx), _min_max(ty)
-    elif min(tx.min(), ty.min()) < 0 or max(tx.max(), ty.max()) > 1:
+        x, y = _min_max(x), _min_max(y)
+    elif min(x.min(), y.min()) < 0 or max(x.max(), y.max()) > 1:
         raise ValueError("with normalise=False the maps must already lie in [0, 1]")
-    window = _gaussian_window(int(window_size), float(sigma), tx.dtype, tx.device)
-    mu_x = F.conv2d(tx, window)
-    mu_y = F.conv2d(ty, window)
-    var_x = F.conv2d(tx * tx, window) - mu_x**2
-    var_y = F.conv2d(ty * ty, window) - mu_y**2
-    cov = F.conv2d(tx * ty, window) - mu_x * mu_y
-    c1, c2 = k1**2, k2**2
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return value.mean(dim=(1, 2, 3)).numpy()
+    return np.array([structural_similarity(xi, yi, win_size=int(window_size), data_range=1.0) for xi, yi in zip(x, y)])
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    low = x.min(axis=(1, 2), keepdims=True)
+    span = x.max(axis=(1, 2), keepdims=True) - low
+    return np.where(span > 0, (x - low) / np.where(span > 0, span, 1.0), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +204,7 @@ def parameter_randomisation(
     mode: str = "cascading",
     init: str = "reset",
     include_original: bool = True,
-    ssim_window: int = 11,
+    ssim_window: int = 7,
     explain_options: dict | None = None,
 ) -> pd.DataFrame:
     """Adebayo et al.'s model-parameter randomisation test; one row per (step, image).
