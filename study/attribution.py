@@ -51,6 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from captum.attr import (
     DeepLift,
     GuidedBackprop,
@@ -75,6 +76,7 @@ from zennit.types import BatchNorm as ZennitBatchNorm
 from zennit.types import Convolution as ZennitConvolution
 from zennit.types import Linear as ZennitLinear
 
+from study.metrics.localisation import rasterise_boxes
 from study.models import get_layer
 
 REDUCTIONS = ("sum", "mean", "max_abs", "abs_sum", None)
@@ -746,9 +748,8 @@ def boxes_to_masks(boxes: Sequence, height: int, width: int, classes: Sequence[i
     """(B, 1, H, W) float map, 1 inside the union of each image's boxes.
 
     `boxes[b]` is an (n, 5) array or tensor of [cls, x0, y0, x1, y1] in pixel coordinates,
-    end-exclusive (as `study.plots`): rows y0 ≤ y < y1 and columns x0 ≤ x < x1; fractional
-    coordinates are widened outwards (floor of the start, ceil of the end) and clipped to the
-    image. With `classes`, only the boxes whose cls equals classes[b] are drawn.
+    end-exclusive (as `study.plots`), rasterised by `study.metrics.rasterise_boxes` (fractional
+    coordinates widened outwards, clipped to the image). With `classes`, only the boxes whose cls equals classes[b] are drawn.
     """
     if isinstance(boxes, (torch.Tensor, np.ndarray)) and np.ndim(boxes) != 3:
         raise ValueError("boxes must be a list with one (n, 5) array per image")
@@ -761,13 +762,9 @@ def boxes_to_masks(boxes: Sequence, height: int, width: int, classes: Sequence[i
             raise ValueError(f"boxes[{b}] must have shape (n, 5) [cls, x0, y0, x1, y1], got {array.shape}")
         if not np.isfinite(array).all():
             raise ValueError(f"boxes[{b}] contains NaN or Inf")
-        for cls, x0, y0, x1, y1 in array:
-            if classes is not None and int(cls) != int(classes[b]):
-                continue
-            r0, r1 = max(0, math.floor(y0)), min(height, math.ceil(y1))
-            c0, c1 = max(0, math.floor(x0)), min(width, math.ceil(x1))
-            if r1 > r0 and c1 > c0:
-                masks[b, 0, r0:r1, c0:c1] = 1.0
+        if classes is not None:
+            array = array[array[:, 0].astype(np.int64) == int(classes[b])]
+        masks[b, 0] = torch.from_numpy(rasterise_boxes(array[:, 1:], height, width))
     return masks
 
 
@@ -823,7 +820,8 @@ def explain(model: nn.Module | None, images: torch.Tensor, targets, method: str,
     """The `method` map of `images` for `targets`: (B, 1, H, W) float32 on the images' device
     ((B, C, H, W) with reduce=None). Options are the keyword parameters of `METHODS[method]`
     (see each function's docstring); unknown names, bad values, NaN/Inf images or maps and
-    mismatched targets raise ValueError."""
+    mismatched or out-of-range targets raise ValueError. Images are cast to the device and dtype
+    of the model's parameters (e.g. float64 images on a float32 model), as the metrics do."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     function = METHODS[method]
@@ -954,7 +952,8 @@ def normalise_max_abs(maps: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float, kernel_size: int | None = None) -> torch.Tensor:
-    """Separable Gaussian blur of every channel, kernel normalised to sum 1, reflect padding.
+    """Gaussian blur of every channel (`torchvision.transforms.functional.gaussian_blur`: kernel
+    normalised to sum 1, reflect padding).
     kernel_size (odd) defaults to 2·ceil(3σ) + 1, shrunk to the largest odd size that reflect
     padding allows (≤ 2·min(H, W) − 1); a larger explicit size raises ValueError."""
     maps = _check_maps(maps)
@@ -964,15 +963,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, kernel_size: int | None = No
         kernel_size = min(2 * math.ceil(3 * sigma) + 1, limit)
     elif _positive_int(kernel_size, "kernel_size") % 2 == 0 or kernel_size > limit:
         raise ValueError(f"kernel_size must be odd and ≤ {limit} for {tuple(maps.shape[-2:])} maps, got {kernel_size}")
-    offsets = torch.arange(kernel_size, dtype=maps.dtype, device=maps.device) - kernel_size // 2
-    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    n, c, h, w = maps.shape
-    pad = kernel_size // 2
-    flat = maps.reshape(n * c, 1, h, w)
-    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return flat.reshape(n, c, h, w)
+    return TF.gaussian_blur(maps, kernel_size=[kernel_size, kernel_size], sigma=[sigma, sigma])
 
 
 def clip_percentile(maps: torch.Tensor, q: float) -> torch.Tensor:

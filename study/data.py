@@ -948,27 +948,49 @@ def make_loader(arrays_or_dataset, batch_size: int, shuffle: bool, seed: int) ->
                       num_workers=0, collate_fn=collate)
 
 
+def _check_pixels(images) -> None:
+    """Real numbers without NaN/Inf, in a numpy array or a torch tensor."""
+    tensor = isinstance(images, torch.Tensor)
+    if images.is_complex() if tensor else images.dtype.kind not in "biuf":
+        raise ValueError(f"images must hold real numbers, got dtype {images.dtype}")
+    if not (torch.isfinite(images) if tensor else np.isfinite(images)).all():
+        raise ValueError("images contain NaN or Inf values")
+
+
 def channel_stats(images) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (population) std of (N,C,H,W) images, as float64 arrays (C,)."""
+    """Per-channel mean and (population) std of (N,C,H,W) images, as float64 arrays (C,).
+
+    Integer images (e.g. uint8 0-255) give statistics on their own scale, the scale on which
+    `standardise` uses them. NaN/Inf pixels raise ValueError."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
     if images.ndim != 4 or images.size == 0:
         raise ValueError(f"images must be a non-empty (N,C,H,W) array, got shape {images.shape}")
+    _check_pixels(images)
     mean = np.array([images[:, c].mean(dtype=np.float64) for c in range(images.shape[1])])
     std = np.array([images[:, c].std(dtype=np.float64) for c in range(images.shape[1])])
     return mean, std
 
 
 def standardise(images, mean, std):
-    """(images - mean) / std per channel, for (N,C,H,W) numpy arrays or torch tensors (type kept)."""
+    """(images - mean) / std per channel, for (N,C,H,W) numpy arrays or torch tensors (type kept).
+
+    Integer images (e.g. torchvision.io.read_image's uint8) are cast to float32 without rescaling:
+    give mean/std on the 0-255 scale, or divide the images by 255 first. NaN/Inf pixels, a
+    non-finite mean and a std that is not > 0 and finite raise ValueError."""
+    if not isinstance(images, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
     channels = images.shape[1] if images.ndim == 4 else None
     mean, std = np.atleast_1d(np.asarray(mean, np.float64)), np.atleast_1d(np.asarray(std, np.float64))
     if channels is None or mean.ndim != 1 or std.ndim != 1 or len(mean) not in (1, channels) or len(std) not in (1, channels):
         raise ValueError(f"need (N,C,H,W) images and a scalar or C values of mean/std; got images "
                          f"{tuple(images.shape)}, mean {mean.shape}, std {std.shape}")
-    if not np.all(std > 0) or not np.all(np.isfinite(mean)):
-        raise ValueError(f"std must be > 0 and mean finite, got mean {mean}, std {std}")
+    if not np.all(np.isfinite(mean)):
+        raise ValueError(f"mean must be finite, got {mean}")
+    if not np.all((std > 0) & np.isfinite(std)):
+        raise ValueError(f"std must be > 0 and finite, got {std}")
+    _check_pixels(images)
     if isinstance(images, torch.Tensor):
         if not images.is_floating_point():  # e.g. torchvision.io.read_image's uint8: cast, never round mean/std
             images = images.to(torch.float32)

@@ -183,10 +183,14 @@ def _check_feature_pair(features, features_shuffled) -> None:
         if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] == 0:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{name} must be a non-empty (B, D) tensor, got {got}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         if not torch.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or Inf")
     if features.shape != features_shuffled.shape:
         raise ValueError(f"feature shapes differ: {tuple(features.shape)} vs {tuple(features_shuffled.shape)}")
+    if features.dtype != features_shuffled.dtype:
+        raise ValueError(f"features and features_shuffled dtypes differ: {features.dtype} vs {features_shuffled.dtype}")
 
 
 def actdiff_loss(features: torch.Tensor, features_shuffled: torch.Tensor, lam: float = 1.0,
@@ -222,6 +226,16 @@ class FeatureDiscriminator(nn.Sequential):
         super().__init__(*modules)
 
 
+def _check_disc(disc, features: torch.Tensor) -> None:
+    if not isinstance(disc, nn.Module):
+        raise ValueError(f"disc must be a torch.nn.Module, got {type(disc).__name__}")
+    parameter = next((p for p in disc.parameters() if p.is_floating_point()), None)
+    autocast = torch.is_autocast_enabled(features.device.type)  # mixed precision: dtypes may differ
+    if parameter is not None and parameter.dtype != features.dtype and not autocast:
+        raise ValueError(f"features have dtype {features.dtype} but disc's parameters {parameter.dtype}; "
+                         "cast one of them")
+
+
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
@@ -230,6 +244,7 @@ def discriminator_loss(disc: nn.Module, features: torch.Tensor, features_shuffle
     """L_D = λ · [BCE(D(f(x)), 1) + BCE(D(f(x̃)), 0)] on detached features (D learns to tell x from x̃)."""
     lam = _check_lambda(lam)
     _check_feature_pair(features, features_shuffled)
+    _check_disc(disc, features)
     return lam * (_bce(disc(features.detach()), 1.0) + _bce(disc(features_shuffled.detach()), 0.0))
 
 
@@ -238,6 +253,7 @@ def adversarial_encoder_loss(disc: nn.Module, features: torch.Tensor, features_s
     alike to D. Call with D's parameters frozen (see `AdversarialSchedule`)."""
     lam = _check_lambda(lam)
     _check_feature_pair(features, features_shuffled)
+    _check_disc(disc, features)
     return lam * (_bce(disc(features), 0.0) + _bce(disc(features_shuffled), 1.0))
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from study import config, train
+from study.attribution import gaussian_blur
 from study.models import init_conv_bn
 
 LAYER_NAMES = ("l0", "l1", "l2", "l3", "l4")
@@ -85,12 +86,12 @@ def _check_images_masks(images, masks) -> tuple[torch.Tensor, torch.Tensor]:
     return images, masks
 
 
-def _check_logits_labels(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _check_tensor(logits, "logits", 2)
+def _check_logits_labels(logits, labels, name: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _check_tensor(logits, name, 2)
     labels = _check_tensor(labels, "labels", 1)
     if labels.dtype not in (torch.int64, torch.int32) or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must be integer (B,) matching logits (B, K); got {labels.dtype} "
-                         f"{tuple(labels.shape)} for logits {tuple(logits.shape)}")
+        raise ValueError(f"labels must be integer (B,) matching {name} (B, K); got {labels.dtype} "
+                         f"{tuple(labels.shape)} for {name} {tuple(logits.shape)}")
     if logits.shape[0] == 0:
         raise ValueError("empty batch")
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
@@ -242,31 +243,16 @@ def mask_out(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return images * (1 - masks)
 
 
-def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    return kernel / kernel.sum()
-
-
 def blur_images(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur per channel (reflect padding, clamped to the image size): the blur infiller.
+    """Gaussian blur per channel (`attribution.gaussian_blur`: reflect padding, the kernel clamped to
+    the image size): the blur infiller.
 
     The card's σ = 20 px at 224 px becomes 20·64/224 ≈ 5.7 px at 64 px (§5.4 S9).
     """
     images = _check_tensor(images, "images", 4)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
         raise ValueError(f"sigma must be a positive number of pixels, got {sigma!r}")
-    kernel = _gaussian_kernel(float(sigma), images.dtype, images.device)
-    channels = images.shape[1]
-    pad = min(len(kernel) // 2, images.shape[-1] - 1, images.shape[-2] - 1)
-    if pad < len(kernel) // 2:  # reflect padding cannot exceed the image: truncate the kernel
-        kernel = kernel[len(kernel) // 2 - pad: len(kernel) // 2 + pad + 1]
-        kernel = kernel / kernel.sum()
-    x = F.pad(images, (pad, pad, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    x = F.pad(x, (0, 0, pad, pad), mode="reflect")
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return gaussian_blur(images, float(sigma))
 
 
 def infill_in(images: torch.Tensor, masks: torch.Tensor, filler: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,7 +334,7 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def masked_in_loss(logits_in: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
     """Masked-in classification term: mean CE(F(x ⊙ m), y) ("ce", the default) or mean entropy ("entropy")."""
-    logits_in, labels = _check_logits_labels(logits_in, labels)
+    logits_in, labels = _check_logits_labels(logits_in, labels, "logits_in")
     if kind == "ce":
         return F.cross_entropy(logits_in, labels)
     if kind == "entropy":
@@ -362,7 +348,7 @@ def masked_out_loss(logits_out: torch.Tensor, labels: torch.Tensor, clean_correc
     the entropy on images the classifier gets right when clean), or −mean_i c_i · CE(F(x ⊙ (1 − m)), y)
     ("ce": the adversarial "classification, minimise" variant; gated by c_i like the entropy, a
     project choice). Images with c_i = 0 contribute nothing (card §7.4)."""
-    logits_out, labels = _check_logits_labels(logits_out, labels)
+    logits_out, labels = _check_logits_labels(logits_out, labels, "logits_out")
     gate = _check_gate(clean_correct, logits_out.shape[0], "clean_correct")
     if kind == "entropy":
         per_image = prediction_entropy(logits_out)
@@ -428,14 +414,17 @@ def masker_objective(masks: torch.Tensor, labels: torch.Tensor, clean_logits: to
     L_out = masked_out_loss − λ_out · mean ReLU(n_i − m̄_i) + TV(m),
             n_i = c_i · 1[argmax F(x ⊙ (1 − m)) ≠ y], c_i = 1[argmax F(x) = y].
     TV appears in both (Q2: effective weight 2·λ_tv). A side whose kind is None is switched off
-    (its logits may then be None). Returns the total and the detached parts for logging.
+    (its logits may then be None). The weights and λs must be finite numbers >= 0 (else ValueError).
+    Returns the total and the detached parts for logging.
     """
     if in_kind not in IN_OBJECTIVES or out_kind not in OUT_OBJECTIVES:
         raise ValueError(f"in_kind must be one of {IN_OBJECTIVES} and out_kind one of {OUT_OBJECTIVES}; "
                          f"got {in_kind!r}, {out_kind!r}")
     if in_kind is None and out_kind is None:
         raise ValueError("at least one of the masked-in and masked-out objectives must be on")
-    clean_logits, labels = _check_logits_labels(clean_logits, labels)
+    _check_nonnegative(w_in, "w_in")
+    _check_nonnegative(w_out, "w_out")
+    clean_logits, labels = _check_logits_labels(clean_logits, labels, "clean_logits")
     correct = (clean_logits.argmax(1) == labels).float()
     tv = total_variation(masks, lambda_tv)
     total = masks.new_zeros(())
@@ -577,10 +566,10 @@ def _masks_from_logits(masker: Masker, grid_logits: torch.Tensor, spec: MaskerSp
     return masker.upsample(grid_mask)
 
 
-def _decay_factor(step: int, steps: int, enabled: bool) -> float:
-    if not enabled:
-        return 1.0
-    return 0.1 ** ((step >= steps / 3) + (step >= 2 * steps / 3))
+def _lr_steps(optimizer: torch.optim.Optimizer, steps: int, enabled: bool) -> torch.optim.lr_scheduler.MultiStepLR:
+    """× 0.1 from step ceil(steps/3) and again from ceil(2·steps/3) (stepped once per training step)."""
+    milestones = [math.ceil(steps / 3), math.ceil(2 * steps / 3)] if enabled else []
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
 def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: MaskerSpec,
@@ -626,14 +615,12 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     else:
         classifier.train()
         opt_c = torch.optim.SGD(classifier.parameters(), lr=spec.classifier_lr, momentum=0.9, weight_decay=1e-4)
+    schedules = [_lr_steps(opt, spec.steps, spec.lr_decay) for opt in (opt_m, opt_c) if opt is not None]
     zoo = HistoricZoo(ZOO_SIZE, spec.save_freq) if spec.historic_mode == "casme_confuser" and not spec.fixed else None
     classifier_params = [p for p in classifier.parameters()]
     masker_params = list(masker.parameters())
     history, order, cursor = [], torch.randperm(len(labels), generator=torch_gen), 0
     for step in range(spec.steps):
-        factor = _decay_factor(step, spec.steps, spec.lr_decay)
-        for group in opt_m.param_groups:
-            group["lr"] = spec.lr * factor
         if cursor + spec.batch_size > len(order):
             order, cursor = torch.cat([order[cursor:], torch.randperm(len(labels), generator=torch_gen)]), 0
         index = order[cursor: cursor + spec.batch_size]
@@ -644,8 +631,6 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
             with torch.no_grad():
                 clean_logits, features = classifier.forward_features(x)
         else:
-            for group in opt_c.param_groups:
-                group["lr"] = spec.classifier_lr * factor
             clean_logits, features = classifier.forward_features(x)
             opt_c.zero_grad(set_to_none=True)
             F.cross_entropy(clean_logits, y).backward()
@@ -688,6 +673,8 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
             p.grad = g
         nn.utils.clip_grad_norm_(masker_params, spec.grad_clip)
         opt_m.step()
+        for schedule in schedules:
+            schedule.step()
         history.append(record)
     masker.eval()
     classifier.eval()
@@ -724,7 +711,7 @@ def cached_train_masker(name: str, params: dict, classifier: nn.Module, images: 
 
 def masker_cache_path(name: str, params: dict, spec: MaskerSpec, seed: int, cache_dir: Path | None = None) -> Path:
     """Where `cached_train_masker` keeps the masker of (name, params, spec, seed)."""
-    key = train.cache_key(name, {"params": params, "spec": spec.as_dict(), "seed": seed, "version": 1})
+    key = train.cache_key(name, {"params": params, "spec": spec.as_dict(), "seed": seed, "version": 2})
     return Path(cache_dir or config.CACHE_DIR) / "maskers" / f"{name}-{key}.pt"
 
 

@@ -390,3 +390,17 @@ def test_few_shot_samplers_are_exact_and_deterministic():
 def test_bad_inputs_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_learning_rate_steps_down_at_a_third_and_two_thirds():
+    from study.masking import _lr_steps
+
+    for steps, enabled, expected in [(6, True, [1, 1, 0.1, 0.1, 0.01, 0.01]), (7, True, [1, 1, 1, 0.1, 0.1, 0.01, 0.01]),
+                                     (4, False, [1, 1, 1, 1])]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, seen = _lr_steps(optimizer, steps, enabled), []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert seen == pytest.approx(expected, rel=1e-12)

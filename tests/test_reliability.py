@@ -220,7 +220,7 @@ def test_inter_method_reliability_hand_computed():
     matrix, summary = inter_method_reliability(scores, ["A", "B", "C"])
     assert list(matrix.index) == ["A", "B", "C"]
     np.testing.assert_allclose(matrix.to_numpy(), [[1, 1, -1], [1, 1, -1], [-1, -1, 1]])
-    assert summary == pytest.approx({"mean": -1 / 3, "min": -1.0, "max": 1.0, "n_pairs": 3})
+    assert summary == pytest.approx({"mean": -1 / 3, "min": -1.0, "max": 1.0, "n_pairs": 3, "n_undefined": 0})
 
 
 @PROPERTY

@@ -42,6 +42,7 @@ drops (k = 1..L), so its per-image mean equals ``aopc · (L+1)/L``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -393,7 +394,7 @@ def _check_logits(logits, rows: int, max_target: int) -> None:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"the model must return (N, classes) scores, got {shape}")
     if max_target >= logits.shape[1]:
-        raise ValueError(f"target {max_target} is out of range for a model with {logits.shape[1]} outputs")
+        raise ValueError(f"targets: {max_target} is out of range for a model with {logits.shape[1]} outputs")
 
 
 def class_scores(model, images, targets, *, output: str = "prob", batch_size: int | None = None, device=None,
@@ -538,38 +539,44 @@ def auc(curve) -> torch.Tensor:
     return torch.trapezoid(curve, dx=1.0 / (curve.shape[1] - 1), dim=1)
 
 
-def _fixed_curve(model, images, maps, targets, kwargs: dict, order: str, mode: str = "deletion") -> torch.Tensor:
+def _fixed_curve(caller: str, model, images, maps, targets, kwargs: dict, order: str,
+                 mode: str = "deletion") -> torch.Tensor:
     """`perturbation_curve` with the order and mode that the calling metric defines."""
     for key in ("order", "mode"):
         if key in kwargs:
-            raise ValueError(f"{key!r} is fixed by this function; call perturbation_curve to choose it")
+            raise ValueError(f"{key!r} is fixed by this function ({caller}); call perturbation_curve to choose it")
+    accepted = [name for name, parameter in inspect.signature(perturbation_curve).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("order", "mode")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{caller} got unknown keyword argument(s) {unknown}; accepted: {accepted}")
     return perturbation_curve(model, images, maps, targets, **kwargs, order=order, mode=mode)
 
 
 def aopc_morf(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """AOPC of the MoRF deletion curve, (B,); keyword arguments as in :func:`perturbation_curve`."""
-    return aopc(_fixed_curve(model, images, maps, targets, kwargs, "morf"))
+    return aopc(_fixed_curve("aopc_morf", model, images, maps, targets, kwargs, "morf"))
 
 
 def aopc_lerf(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """AOPC of the LeRF deletion curve, (B,) (lower is better)."""
-    return aopc(_fixed_curve(model, images, maps, targets, kwargs, "lerf"))
+    return aopc(_fixed_curve("aopc_lerf", model, images, maps, targets, kwargs, "lerf"))
 
 
 def abpc_score(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """ABPC from the LeRF and MoRF deletion curves, (B,) (higher is better)."""
-    return abpc(_fixed_curve(model, images, maps, targets, kwargs, "lerf"),
-                _fixed_curve(model, images, maps, targets, kwargs, "morf"))
+    return abpc(_fixed_curve("abpc_score", model, images, maps, targets, kwargs, "lerf"),
+                _fixed_curve("abpc_score", model, images, maps, targets, kwargs, "morf"))
 
 
 def deletion_auc(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """Deletion AUC (MoRF deletion curve, x ∈ [0, 1]), (B,) (lower is better)."""
-    return auc(_fixed_curve(model, images, maps, targets, kwargs, "morf"))
+    return auc(_fixed_curve("deletion_auc", model, images, maps, targets, kwargs, "morf"))
 
 
 def insertion_auc(model, images, maps, targets, **kwargs) -> torch.Tensor:
     """Insertion AUC (MoRF insertion curve, x ∈ [0, 1]), (B,) (higher is better)."""
-    return auc(_fixed_curve(model, images, maps, targets, kwargs, "morf", mode="insertion"))
+    return auc(_fixed_curve("insertion_auc", model, images, maps, targets, kwargs, "morf", mode="insertion"))
 
 
 # ----------------------------------------------------------------------------------------------

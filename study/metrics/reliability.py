@@ -248,12 +248,25 @@ def off_diagonal_summary(matrix: pd.DataFrame) -> dict[str, float]:
     """Mean, minimum and maximum of the off-diagonal entries of a square correlation matrix.
 
     Each unordered pair is counted once (upper triangle); the unit diagonal is excluded.
+    ``n_pairs`` counts every pair. NaN entries (undefined correlations, e.g. what
+    ``DataFrame.corr`` gives for a constant column) are left out of mean/min/max and counted in
+    ``n_undefined``; a matrix with no defined pair, or with an infinite entry, raises ``ValueError``.
     """
-    values = np.asarray(matrix, dtype=np.float64)
+    try:
+        values = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"matrix must hold numbers: {error}") from None
     if values.ndim != 2 or values.shape[0] != values.shape[1] or values.shape[0] < 2:
         raise ValueError(f"matrix must be square with at least 2 rows; got shape {values.shape}")
     upper = values[np.triu_indices(values.shape[0], k=1)]
-    return {"mean": float(upper.mean()), "min": float(upper.min()), "max": float(upper.max()), "n_pairs": int(upper.size)}
+    undefined = np.isnan(upper)
+    if np.isinf(upper).any():
+        raise ValueError("matrix has infinite off-diagonal entries")
+    if undefined.all():
+        raise ValueError(f"matrix has no defined off-diagonal entry (all {upper.size} are NaN)")
+    defined = upper[~undefined]
+    return {"mean": float(defined.mean()), "min": float(defined.min()), "max": float(defined.max()),
+            "n_pairs": int(upper.size), "n_undefined": int(undefined.sum())}
 
 
 def inter_method_reliability(scores, method_names: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict]:
