@@ -108,7 +108,7 @@ class Explorer(widgets.VBox):
         if not methods or unknown:
             raise ValueError(f"methods must be names from study.attribution.METHODS, got {methods}")
         self.controls = {
-            "image": widgets.IntSlider(0, 0, len(images) - 1, description="image"),
+            "image": widgets.IntSlider(0, 0, len(images) - 1, description="image", continuous_update=False),
             "method": widgets.Dropdown(options=methods, value=methods[0], description="method"),
             "options": widgets.Text("", description="options", placeholder="{'steps': 16}", continuous_update=False),
             "postprocessing": widgets.Dropdown(options=list(POSTPROCESSING), value="absolute", description="post-proc."),
@@ -120,8 +120,18 @@ class Explorer(widgets.VBox):
         self.result: dict | None = None
         super().__init__([widgets.HBox(list(self.controls.values())[:3]), widgets.HBox(list(self.controls.values())[3:]),
                           widgets.HBox([self.progress, self.status]), self.output])
+        self._resetting = False
         for control in self.controls.values():
-            control.observe(lambda _change: self.update(), names="value")
+            control.observe(self._changed, names="value")
+        self.update()
+
+    def _changed(self, change) -> None:
+        if self._resetting:
+            return
+        if change["owner"] is self.controls["method"] and self.controls["options"].value:
+            self._resetting = True  # one method's options rarely fit another: clear them, compute once
+            self.controls["options"].value = ""
+            self._resetting = False
         self.update()
 
     def update(self) -> None:
@@ -136,12 +146,13 @@ class Explorer(widgets.VBox):
                 None if self.masks is None else self.masks[index], box, self.steps)
         except ValueError as error:
             self.status.value = f"<span style='color:#b00'>{error}</span>"
-            self.progress.value = 0
+            self.progress.value, self.result = 0, None
+            self.output.clear_output()  # the last figure no longer matches the controls
             return
         self.progress.value = 2
         self.status.value = ""
         self._draw(index, box)
-        self.progress.value = 3
+        self.progress.value = 0  # empty again: idle
 
     def _draw(self, index: int, box) -> None:
         result = self.result

@@ -9,6 +9,20 @@ os.environ.setdefault("STUDY_PROGRESS", "0")
 os.environ.setdefault("STUDY_HEADLESS", "1")  # nbval's kernels: no widgets (study.explore.headless)
 
 
+@pytest.fixture(scope="session")
+def random_weights():
+    """save(path, arch="resnet18", num_classes=3): a randomly initialised torchvision classifier's
+    state dict written to `path` (a user's `weights_path`); returns the path."""
+    def save(path, arch="resnet18", num_classes=3):
+        from torchvision import models
+
+        torch.manual_seed(0)
+        torch.save(models.get_model(arch, weights=None, num_classes=num_classes).state_dict(), path)
+        return path
+
+    return save
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP

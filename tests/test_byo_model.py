@@ -51,19 +51,11 @@ def _folder(root, boxes: bool):
     return root
 
 
-def _weights(path, arch="resnet18", num_classes=3):
-    torch.manual_seed(0)
-    from torchvision import models
-
-    torch.save(models.get_model(arch, weights=None, num_classes=num_classes).state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
+def fixture(tmp_path_factory, random_weights):
     root = tmp_path_factory.mktemp("byo")
     return {"boxes": _folder(root / "with_boxes", True), "plain": _folder(root / "plain", False),
-            "weights": _weights(root / "resnet18.pt"), "root": root}
+            "weights": random_weights(root / "resnet18.pt"), "root": root}
 
 
 def _run(folder, weights, out, cache):
@@ -133,7 +125,7 @@ def test_folder_loader_boxes_geometry_and_selection(fixture):
     assert evaluation["masks"] is None and len(evaluation["labels"]) == 5
 
 
-def test_model_loads_with_its_gradcam_layer(fixture, tmp_path):
+def test_model_loads_with_its_gradcam_layer(fixture, tmp_path, random_weights):
     net = imagenet.torchvision_model("resnet18", fixture["weights"], 3, image_size=64)
     assert net.gradcam_layer == "layer4" and not any(getattr(m, "inplace", False) for m in net.modules())
     with torch.no_grad():
@@ -143,12 +135,13 @@ def test_model_loads_with_its_gradcam_layer(fixture, tmp_path):
 
     assert imagenet.gradcam_layer(models.vgg16(weights=None)) == "features.29"
     assert imagenet.gradcam_layer(models.resnet50(weights=None), 64) == "layer4"
-    small = imagenet.torchvision_model("squeezenet1_1", _weights(tmp_path / "sq.pt", "squeezenet1_1"), 3, image_size=64)
+    small = imagenet.torchvision_model("squeezenet1_1", random_weights(tmp_path / "sq.pt", "squeezenet1_1"), 3,
+                                       image_size=64)
     with torch.no_grad():
         assert small(torch.zeros(1, 3, 64, 64)).shape == (1, 3) and small.gradcam_layer is not None
 
 
-def test_bad_input_names_the_parameter(fixture, tmp_path):
+def test_bad_input_names_the_parameter(fixture, tmp_path, random_weights):
     weights = fixture["weights"]
 
     def setup(**kwargs):
@@ -177,7 +170,7 @@ def test_bad_input_names_the_parameter(fixture, tmp_path):
     # a weights file of another architecture
     with pytest.raises(ValueError, match=r"weights_path .* is not a torchvision resnet34 state dict"):
         setup(model="resnet34")
-    other = _weights(tmp_path / "squeezenet.pt", "squeezenet1_1")
+    other = random_weights(tmp_path / "squeezenet.pt", "squeezenet1_1")
     with pytest.raises(ValueError, match=r"weights_path .* is not a torchvision resnet18 state dict"):
         setup(weights_path=other)
     junk = tmp_path / "junk.pt"

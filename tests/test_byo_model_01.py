@@ -50,18 +50,11 @@ def _folder(root):
     return root
 
 
-def _weights(path, arch="resnet18", num_classes=2):
-    torch.manual_seed(0)
-    from torchvision import models
-
-    torch.save(models.get_model(arch, weights=None, num_classes=num_classes).state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
+def fixture(tmp_path_factory, random_weights):
     root = tmp_path_factory.mktemp("byo01")
-    return {"folder": _folder(root / "images"), "weights": _weights(root / "resnet18.pt"), "root": root}
+    return {"folder": _folder(root / "images"), "weights": random_weights(root / "resnet18.pt", num_classes=2),
+            "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +199,7 @@ def test_notebook_01_runs_on_your_own_folder_and_model(fixture, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_bad_input_names_the_parameter(fixture, tmp_path):
+def test_bad_input_names_the_parameter(fixture, tmp_path, random_weights):
     s_folder = t.experiment_settings("smoke", "folder")
 
     def setup(**kwargs):
@@ -236,7 +229,7 @@ def test_bad_input_names_the_parameter(fixture, tmp_path):
         setup(image_size=30)
     with pytest.raises(ValueError, match=r"weights_path .* is not a torchvision resnet34 state dict"):
         setup(model="resnet34")
-    three = _weights(tmp_path / "three.pt", num_classes=3)
+    three = random_weights(tmp_path / "three.pt", num_classes=3)
     with pytest.raises(ValueError, match=r"data_root has 2 class folders.*3 outputs"):
         setup(weights_path=three)
     with pytest.raises(ValueError, match="epochs.*dataset='folder' trains nothing"):

@@ -34,7 +34,7 @@ def test_controls_drive_the_map_the_curve_and_the_scores(setup):
     first = box.result
     assert set(first["scores"]) == {"deletion AUC", "insertion AUC", "AOPC (MoRF)", "Average Drop %",
                                     "pointing game", "EPG"}
-    assert len(first["curve"]) == 9 and box.progress.value == 3
+    assert len(first["curve"]) == 9 and box.progress.value == 0  # idle
     box.controls["method"].value = "sobel"
     assert not torch.equal(box.result["map"], first["map"])
     box.controls["image"].value = 2
@@ -45,7 +45,11 @@ def test_controls_drive_the_map_the_curve_and_the_scores(setup):
     box.controls["options"].value = "{'steps': 4}"
     assert box.status.value == "" and box.result["map"].shape == (1, 32, 32)
     box.controls["options"].value = "steps=4"  # not a dict: shown as a message, nothing raised
-    assert "dict literal" in box.status.value
+    assert "dict literal" in box.status.value and box.result is None  # no stale scores
+    box.controls["options"].value = "{'steps': 4}"
+    box.controls["method"].value = "gradient"  # IG's options are cleared, not reported as unknown
+    assert box.controls["options"].value == "" and box.status.value == "" and box.result["map"].shape == (1, 32, 32)
+    assert box.controls["image"].continuous_update is False  # dragging does not queue one computation per step
 
 
 def test_ground_truth_map_is_offered_only_with_masks_or_boxes_and_points_at_the_object(setup):
