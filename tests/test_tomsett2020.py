@@ -95,6 +95,23 @@ def test_lrp_runs_on_the_batch_norm_mini_vgg_of_the_cifar_path():
     assert torch.isfinite(maps["lrp_epsilon"]).all() and maps["lrp_epsilon"].shape == (2, 1, 32, 32)
 
 
+def test_deep_taylor_uses_the_standardised_pixel_range_as_its_zb_bounds():
+    from study import attribution
+
+    torch.manual_seed(0)
+    model = t.build_model("cifar10", 3, 10, 32, width=4).eval()  # Standardise in front of the mini-VGG
+    bounds = t.pixel_bounds(model)
+    front = model[0]
+    assert torch.allclose(bounds["low"], -front.mean / front.std) and torch.allclose(bounds["high"], (1 - front.mean) / front.std)
+    assert t.pixel_bounds(nn.Sequential(nn.Conv2d(1, 2, 3))) == {"low": 0.0, "high": 1.0}
+    images, targets = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    maps, skipped = t.compute_maps(model, images, targets, {"deep_taylor": {}})
+    assert not skipped
+    assert torch.equal(maps["deep_taylor"], attribution.explain(model, images, targets, "deep_taylor", **bounds))
+    with pytest.raises(ValueError, match="outside \\[low, high\\]"):  # [0, 1] bounds do not hold for standardised inputs
+        attribution.explain(model, images, targets, "deep_taylor", low=0.0, high=1.0)
+
+
 def _write_cifar_fixture(folder, per_batch=6):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
@@ -220,7 +237,7 @@ def test_rankings_are_permutations_and_ranks_follow_the_aligned_means(run):
     for (_, metric), part in summary.groupby(["variant", "metric"]):
         assert sorted(part["rank"]) == list(range(1, len(t.METHODS) + 1))
         best = part.sort_values("mean", ascending=not t.HIGHER_IS_BETTER[metric]).iloc[0]
-        assert best["rank"] == 1
+        assert part.loc[part["rank"] == 1, "mean"].item() == best["mean"]  # exact ties (ε-LRP = I×G) share it
     ranks = t.per_image_ranks(run["scores"])
     defined = ranks.dropna(subset=["score"]).groupby(["variant", "metric", "image"])["rank"]
     assert (defined.sum() == defined.count() * (defined.count() + 1) / 2).all()

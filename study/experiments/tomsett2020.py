@@ -62,10 +62,10 @@ SIGNS = ("signed", "abs")
 
 # Card §5.3 (+ the issue's extra methods). Options that depend on the profile are filled in by `method_plan`.
 METHODS = ("random", "sobel", "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad",
-           "guided_backprop", "deeplift", "lrp_epsilon")
+           "guided_backprop", "deeplift", "lrp_epsilon", "deep_taylor")
 PILOT_METHODS = METHODS[:6]  # the project pilot's six methods (card §3)
 NULL_METHODS = ("random", "sobel")
-SIGNED_METHODS = ("input_x_gradient", "integrated_gradients", "deeplift", "lrp_epsilon")
+SIGNED_METHODS = ("input_x_gradient", "integrated_gradients", "deeplift", "lrp_epsilon", "deep_taylor")
 ALL_METHODS, WITHOUT_RANDOM = "all methods", "without Random"  # the two method sets of the α analysis
 
 # Card §3 [pilot]: inter-rater α (ordinal), all 6 methods / without Random, at digits, 4 px/step, L = 32, prob.
@@ -409,27 +409,40 @@ def select_images(bundle: dict, model: nn.Module, n_images: int, device: str = "
 
 def method_plan(s: dict, seed: int) -> dict[str, dict]:
     """Card §5.3 settings: IG with a zero baseline and α = 1/L … 1 (right Riemann sum), SmoothGrad
-    mean |gradient| over noisy copies with σ = 0.15, Random seeded per image."""
+    mean |gradient| over noisy copies with σ = 0.15, Random seeded per image; Deep Taylor's input
+    bounds come from the model in `compute_maps`."""
     return {
         "random": {"seed": seed}, "sobel": {}, "gradient": {}, "input_x_gradient": {},
         "integrated_gradients": {"steps": s["ig_steps"], "approximation": "riemann_right"},
         "smoothgrad": {"samples": s["smoothgrad_samples"], "sigma": 0.15, "seed": seed},
-        "guided_backprop": {}, "deeplift": {}, "lrp_epsilon": {},
+        "guided_backprop": {}, "deeplift": {}, "lrp_epsilon": {}, "deep_taylor": {},
     }
+
+
+def pixel_bounds(model: nn.Module) -> dict:
+    """Deep Taylor's zB bounds: the range of the first layer's input when pixels lie in [0, 1], i.e.
+    (0 − mean)/std and (1 − mean)/std per channel behind a `Standardise` front, else 0 and 1."""
+    front = model[0] if isinstance(model, nn.Sequential) and len(model) else None
+    if isinstance(front, Standardise):
+        return {"low": (0 - front.mean) / front.std, "high": (1 - front.mean) / front.std}
+    return {"low": 0.0, "high": 1.0}
 
 
 def compute_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, plan: dict[str, dict],
                  batch_size: int = 50) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """{method: (B,1,H,W) map} for the predicted class, and {method: reason} for methods the model
-    does not allow (e.g. LRP on batch norm)."""
+    does not allow (e.g. LRP on batch norm). Deep Taylor gets `pixel_bounds(model)` unless the plan
+    gives its bounds."""
     maps, skipped = {}, {}
     for name, options in plan.items():
+        if name == "deep_taylor":
+            options = {**pixel_bounds(model), **options}
         try:
             with warnings.catch_warnings():  # captum's max-unpooling has no deterministic kernel; harmless here
                 warnings.filterwarnings("ignore", message="max_unpooling2d_forward_out does not have a deterministic")
                 maps[name] = attribution.explain_many(model, images, targets, {name: options}, batch_size)[name]
         except ValueError as error:
-            if name not in ("lrp_epsilon", "guided_backprop", "deeplift"):
+            if name not in ("lrp_epsilon", "deep_taylor", "guided_backprop", "deeplift"):
                 raise
             skipped[name] = str(error).split(";")[0]
     return maps, skipped
