@@ -68,7 +68,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "rao2023": {"image_size": 32, "widths": [8, 16, 32, 64], "n_train": 800, "n_valid": 150, "n_test": 300,
                     "baseline_epochs": 20, "baseline_lr": 1e-3, "biasfree_baseline_lr": 3e-3, "finetune_epochs": 6,
                     "finetune_lr": 1e-3, "batch_size": 64, "configs": ["vanilla_ixg", "bcos"], "layers": ["input", "final"],
-                    "losses": ["energy", "l1"], "lambda_factors": [1 / 3, 1, 3], "seeds": [0], "ablation_config": "bcos",
+                    "losses": ["energy", "l1"], "lambda_factors": [1 / 3, 1, 3], "seeds": [0, 1, 2], "ablation_config": "bcos",
                     "fractions": [0.01, 0.1], "dilations": [0.25, 0.5], "depth_layers": ["mid"],
                     "birds_image_size": 32, "birds_n_train": 800, "birds_n_valid": 100, "birds_n_test": 800,
                     "birds_seeds": 8, "birds_config": "bcos", "birds_layer": "input", "birds_fraction": 0.01,

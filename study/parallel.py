@@ -15,6 +15,7 @@ Several jobs may share one GPU: a worker only sees the device its job is given.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,8 +74,10 @@ def map_jobs(function: Callable, jobs: Sequence[tuple], *, workers: int = 2, thr
     cluster = None
     if scheduler is None:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+            # silence_logs: a worker whose scheduler closes first logs a heartbeat ERROR into the
+            # notebook; a job's own failure still reaches the caller through gather
             cluster = LocalCluster(n_workers=min(workers, len(jobs)), threads_per_worker=1, processes=True,
-                                   dashboard_address=None, env=single_thread)
+                                   dashboard_address=None, env=single_thread, silence_logs=logging.CRITICAL)
     try:
         with Client(scheduler or cluster) as client:
             # earlier jobs first (callers put the longest first so that the workers finish together)

@@ -409,6 +409,32 @@ def test_r1_r2_hypervolume_ratio_rule():
     assert row["n"].startswith("4 panels (1 configs × 4 layers × 2 losses)") and "95% t CI over 4 panels" in row["uncertainty"]
 
 
+def test_r1_r2_with_seeds_take_each_panel_and_seed_as_a_unit():
+    seeds = [_summary(e, l).assign(seed=k) for k, (e, l) in enumerate([([1.0, 1.1], [0.5, 0.5]), ([1.2, 1.0], [0.6, 0.5]),
+                                                                       ([1.1, 1.3], [0.5, 0.6])])]
+    passing = pd.concat(seeds, ignore_index=True)
+    row = R._r1_energy_best_epg(passing)
+    assert row["verdict"] == "reproduced" and row["n"].startswith("6 panel × seed units") and "3 seeds" in row["n"]
+    assert "per panel and seed" in row["this_run"] and "over 6 panel × seed units" in row["uncertainty"]
+    failing = passing.assign(loss=passing.loss.map({"energy": "l1", "l1": "energy"}))
+    assert R._r1_energy_best_epg(failing)["verdict"] == "not reproduced"
+    # one seed whose ratio flips: the interval over 6 units straddles 0.95
+    mixed = pd.concat([seeds[0], seeds[1], seeds[2].assign(loss=seeds[2].loss.map({"energy": "l1", "l1": "energy"}))])
+    assert R._r1_energy_best_epg(mixed)["verdict"] == "inconclusive"
+    means = R.over_seeds(passing)
+    assert len(means) == 4 and means.loc[(means.layer == "layer0") & (means.loss == "energy"), "hv_epg"].item() == \
+        pytest.approx((1.0 + 1.2 + 1.1) / 3)
+
+
+def test_pareto_fronts_are_per_seed_never_pooled():
+    # seed 1 dominates seed 0 everywhere; pooled fronts would drop every seed-0 checkpoint
+    rows = pd.DataFrame([{"config": "bcos", "layer": "input", "loss": "energy", "seed": seed, "epoch": epoch,
+                          "valid_f1": 0.5 + 0.3 * seed + 0.01 * epoch, "valid_epg": 0.5 + 0.3 * seed - 0.01 * epoch,
+                          "valid_iou": 0.2, "test_f1": 0.5, "test_epg": 0.5} for seed in (0, 1) for epoch in range(3)])
+    front = R.pareto_checkpoints(rows)
+    assert sorted(front.seed.unique()) == [0, 1] and len(front) == 6
+
+
 def _on_object(difference):
     difference = np.asarray(difference, float)
     return pd.DataFrame({"config": "bcos", "layer": [f"l{i}" for i in range(len(difference))], "uniform_map": 0.5,
@@ -430,7 +456,15 @@ def _front_panel(lose, keep):
     front = pd.DataFrame([{"config": "bcos", "layer": "input", "test_epg": 0.7, "test_f1": 0.7}] * lose
                          + [{"config": "bcos", "layer": "input", "test_epg": 0.7, "test_f1": 0.85}] * keep,
                          columns=["config", "layer", "test_epg", "test_f1"])
-    return base, base[["config", "layer"]], front
+    return base, front
+
+
+def test_r6_compares_each_checkpoint_with_its_own_seeds_baseline():
+    base, front = _front_panel(0, 10)  # 10 checkpoints at F1 0.85, EPG 0.7
+    base = pd.concat([base.assign(seed=0), base.assign(seed=1, test_f1=0.9)], ignore_index=True)
+    front = pd.concat([front.assign(seed=0), front.assign(seed=1)], ignore_index=True)
+    row = R._r6_localisation_vs_f1(base, front)  # seed 0: F1 kept (0.85 ≥ 0.8); seed 1: F1 lost (0.85 < 0.9)
+    assert "10 lose F1 and 10 keep" in row["this_run"]
 
 
 def test_r6_trade_off_rule():

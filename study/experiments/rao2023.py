@@ -670,11 +670,16 @@ def cost_table(baselines: dict, runs: dict) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- analysis: E1
 
+def _with_seed(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame if "seed" in frame else frame.assign(seed=0)
+
+
 def pareto_checkpoints(rows: pd.DataFrame) -> pd.DataFrame:
-    """The checkpoints on the validation Pareto front over epochs × λ (× seeds) on (F1, EPG, tuned
-    IoU), bins of 0.005, per (configuration, layer, loss); each has its test metrics."""
+    """The checkpoints on the validation Pareto front over epochs × λ on (F1, EPG, tuned IoU), bins
+    of 0.005, per (configuration, layer, loss, seed): each seed is one replication of the
+    experiment, so fronts are never pooled over seeds. Each checkpoint has its test metrics."""
     fronts = []
-    for _key, group in rows.groupby(["config", "layer", "loss"], sort=False):
+    for _key, group in _with_seed(rows).groupby(["config", "layer", "loss", "seed"], sort=False):
         mask = G.pareto_mask(group[["valid_f1", "valid_epg", "valid_iou"]].to_numpy())
         fronts.append(group[mask])
     front = pd.concat(fronts, ignore_index=True)
@@ -683,22 +688,26 @@ def pareto_checkpoints(rows: pd.DataFrame) -> pd.DataFrame:
     return front
 
 
-def panel_baseline(base_table: pd.DataFrame, config_name: str, layer: str) -> pd.Series:
+def panel_baseline(base_table: pd.DataFrame, config_name: str, layer: str, seed: int | None = None) -> pd.Series:
+    """The stage-1 model's test values in one panel: of one seed, or the mean over seeds (seed=None)."""
     rows = base_table[(base_table.config == config_name) & (base_table.layer == layer)]
+    if seed is not None and "seed" in rows:
+        rows = rows[rows.seed == seed]
     return rows[["test_f1", "test_epg", "test_iou", "test_iou05", "test_on_object", "uniform_epg"]].mean()
 
 
 def loss_summary(front: pd.DataFrame, base_table: pd.DataFrame) -> pd.DataFrame:
-    """Per (configuration, layer, loss): the test values of the validation-front checkpoints —
-    hypervolumes of EPG-vs-F1 and IoU-vs-F1 above (baseline F1 − 0.05, 0), the best EPG and IoU
-    among checkpoints that keep F1 within 2 pp of the baseline, and the best overall."""
+    """Per (configuration, layer, loss, seed): the test values of the validation-front checkpoints —
+    hypervolumes of EPG-vs-F1 and IoU-vs-F1 above (that seed's baseline F1 − 0.05, 0), the best EPG
+    and IoU among checkpoints that keep F1 within 2 pp of the baseline, and the best overall."""
     rows = []
-    for (config_name, layer, loss), group in front.groupby(["config", "layer", "loss"], sort=False):
-        base = panel_baseline(base_table, config_name, layer)
+    for (config_name, layer, loss, seed), group in _with_seed(front).groupby(["config", "layer", "loss", "seed"],
+                                                                               sort=False):
+        base = panel_baseline(base_table, config_name, layer, seed)
         reference_f1 = base.test_f1 - 0.05
         kept = group[group.test_f1 >= base.test_f1 - F1_TOLERANCE]
         rows.append({
-            "config": config_name, "layer": layer, "loss": loss, "front_checkpoints": len(group),
+            "config": config_name, "layer": layer, "loss": loss, "seed": seed, "front_checkpoints": len(group),
             "base_f1": base.test_f1, "base_epg": base.test_epg, "base_iou": base.test_iou, "uniform_epg": base.uniform_epg,
             "hv_epg": G.hypervolume_2d(group[["test_f1", "test_epg"]].to_numpy(), (reference_f1, 0.0)),
             "hv_iou": G.hypervolume_2d(group[["test_f1", "test_iou"]].to_numpy(), (reference_f1, 0.0)),
@@ -715,11 +724,18 @@ def loss_summary(front: pd.DataFrame, base_table: pd.DataFrame) -> pd.DataFrame:
 TIE_TOLERANCE = 0.05  # hypervolumes within 5% of the panel's best count as tied for best
 
 
+def over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """`loss_summary` averaged over seeds: one row per (configuration, layer, loss)."""
+    return _with_seed(summary).groupby(["config", "layer", "loss"], sort=False).mean(numeric_only=True) \
+        .drop(columns="seed").reset_index()
+
+
 def winners(summary: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Per (configuration, layer) panel: the loss with the largest `column`, and every loss within
-    5% of it (`tied`, comma-separated: such differences are within the noise of a small test set)."""
+    """Per (configuration, layer) panel: the loss with the largest `column` (mean over seeds), and
+    every loss within 5% of it (`tied`, comma-separated: such differences are within the noise of a
+    small test set)."""
     rows = []
-    for (config_name, layer), group in summary.groupby(["config", "layer"], sort=False):
+    for (config_name, layer), group in over_seeds(summary).groupby(["config", "layer"], sort=False):
         best = group[column].max()
         tied = group[group[column] >= (1 - TIE_TOLERANCE) * best].sort_values(column, ascending=False)
         rows.append({"config": config_name, "layer": layer, "loss": group.loc[group[column].idxmax(), "loss"],
@@ -771,12 +787,19 @@ def pareto_figure(front: pd.DataFrame, base_table: pd.DataFrame, metric: str = "
 
 def on_object_table(front: pd.DataFrame, base_table: pd.DataFrame) -> pd.DataFrame:
     """R3 (card E2): the share of the in-box positive energy that lies on the object's
-    segmentation mask, mean over the validation-front checkpoints, Energy vs L1."""
-    table = front.groupby(["config", "layer", "loss"], sort=False).test_on_object.mean().unstack("loss")
-    base = base_table.groupby(["config", "layer"]).test_on_object.mean()
-    table.insert(0, "baseline", base.reindex(table.index))
-    table.insert(0, "uniform_map", base_table.groupby(["config", "layer"]).uniform_on_object.mean().reindex(table.index))
+    segmentation mask, mean over the validation-front checkpoints, Energy vs L1, per panel and seed."""
+    keys = ["config", "layer", "seed"]
+    table = _with_seed(front).groupby([*keys, "loss"], sort=False).test_on_object.mean().unstack("loss")
+    base = _with_seed(base_table).groupby(keys)
+    table.insert(0, "baseline", base.test_on_object.mean().reindex(table.index))
+    table.insert(0, "uniform_map", base.uniform_on_object.mean().reindex(table.index))
     return table.reset_index()
+
+
+def _units(frame: pd.DataFrame) -> str:
+    """The unit of a per-panel interval: panels, or (panel, seed) pairs when there are several seeds."""
+    seeds = _with_seed(frame).seed.nunique()
+    return "panels" if seeds == 1 else f"panel × seed units ({seeds} seeds)"
 
 
 # ----------------------------------------------------------------------------- analysis: E3–E5
@@ -1090,15 +1113,22 @@ def _best_list(table: pd.DataFrame) -> str:
 
 
 def _hv_ratio_row(summary: pd.DataFrame, loss: str, column: str) -> tuple[str, str, int, np.ndarray]:
-    """Per panel, `loss`'s hypervolume divided by the best other loss's; interval over panels vs 1 − tie tolerance."""
+    """Per panel and seed, `loss`'s hypervolume divided by the best other loss's; interval over those
+    units vs 1 − tie tolerance."""
     ratios = []
-    for _key, panel in summary.groupby(["config", "layer"], sort=False):
+    for _key, panel in _with_seed(summary).groupby(["config", "layer", "seed"], sort=False):
         own = panel.loc[panel.loss == loss, column]
         others = panel.loc[panel.loss != loss, column]
         if len(own) and len(others) and others.max() > 0:
             ratios.append(float(own.iloc[0]) / float(others.max()))
-    verdict_, text, n = _interval(ratios, 1 - TIE_TOLERANCE, unit="panels")
+    verdict_, text, n = _interval(ratios, 1 - TIE_TOLERANCE, unit=_units(summary))
     return verdict_, text, n, np.asarray(ratios)
+
+
+def _grid_units(summary: pd.DataFrame, n: int) -> str:
+    seeds = _with_seed(summary).seed.nunique()
+    return f"{n} panels ({_grid_text(summary)})" if seeds == 1 else \
+        f"{n} panel × seed units ({_grid_text(summary)} × {seeds} seeds)"
 
 
 def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
@@ -1107,11 +1137,15 @@ def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
     result, text, n, ratios = _hv_ratio_row(summary, "energy", "hv_epg")
     return {"claim": "R1: Energy gives the best EPG-vs-F1 trade-off (Pareto fronts)",
             "paper": "Energy Pareto-dominates the other losses for all models, Input and Final, VOC and COCO",
-            "this_run": f"Energy's EPG–F1 hypervolume / the best other loss's, per panel: "
+            "this_run": f"Energy's EPG–F1 hypervolume / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(epg_win)} panels ("
                         + _best_list(epg_win) + f"); decided on the run's grid ({_grid_text(summary)}), not the paper's "
                         "full grid",
-            "verdict": result, "n": f"{n} panels ({_grid_text(summary)})", "uncertainty": text}
+            "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
+
+
+def _and_seed(frame: pd.DataFrame) -> str:
+    return "" if _with_seed(frame).seed.nunique() == 1 else " and seed"
 
 
 def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
@@ -1120,10 +1154,10 @@ def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
     result, text, n, ratios = _hv_ratio_row(summary, "l1", "hv_iou")
     return {"claim": "R2: L1 gives the best IoU-vs-F1 trade-off",
             "paper": "L1 best IoU 'with few exceptions'",
-            "this_run": "L1's IoU–F1 hypervolume (val-tuned threshold) / the best other loss's, per panel: "
+            "this_run": f"L1's IoU–F1 hypervolume (val-tuned threshold) / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(iou_win)} panels ("
                         + _best_list(iou_win) + f"); decided on the run's grid ({_grid_text(summary)})",
-            "verdict": result, "n": f"{n} panels ({_grid_text(summary)})", "uncertainty": text}
+            "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
 
 
 def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
@@ -1134,13 +1168,13 @@ def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
                                      "(e.g. VOC2007 without SegmentationObject), so R3 cannot be measured",
                 "verdict": "not tested", "n": "0 panels", "uncertainty": "none (no segmentation masks)"}
     difference = (on_object.energy - on_object.l1).to_numpy()
-    result, text, n = _interval(difference, 0.0, unit="panels")
+    result, text, n = _interval(difference, 0.0, unit=_units(on_object))
     return {**claim,
-            "this_run": "on-object share of the in-box energy, Energy − L1 per panel: "
+            "this_run": f"on-object share of the in-box energy, Energy − L1 per panel{_and_seed(on_object)}: "
                         + ", ".join(f"{d:+.3f}" for d in difference if np.isfinite(d))
                         + f"; means {on_object.energy.mean():.2f} vs {on_object.l1.mean():.2f} "
                         f"(baseline {on_object.baseline.mean():.2f}, uniform map {on_object.uniform_map.mean():.2f})",
-            "verdict": result, "n": f"{n} panels", "uncertainty": text}
+            "verdict": result, "n": f"{n} {_units(on_object)}", "uncertainty": text}
 
 
 def _unit(pairs: dict) -> str:
@@ -1180,7 +1214,8 @@ def _r4_bcos_best_input_epg(s: dict, base_table: pd.DataFrame, summary: pd.DataF
             part, text, n = _interval(values, 0.0, unit=_unit(pairs))
             parts.append(part)
             texts.append(f"{stage} B-cos − {CONFIG_LABELS[other]}: {text}")
-    guided = summary[(summary.layer == "input") & (summary.loss == "energy")].set_index("config").best_epg
+    mean = over_seeds(summary)
+    guided = mean[(mean.layer == "input") & (mean.loss == "energy")].set_index("config").best_epg
     return {"claim": "R4: B-cos has the best input-layer EPG (before and after Energy guidance)",
             "paper": "B-cos 71.7 EPG / 79.4% F1 vs Vanilla 55.8 / 69.0%, X-DNN 62.3 / 68.9% (VOC, Input)",
             "this_run": f"baseline EPG B-cos {inputs['bcos']:.2f} vs "
@@ -1191,11 +1226,11 @@ def _r4_bcos_best_input_epg(s: dict, base_table: pd.DataFrame, summary: pd.DataF
             "verdict": combine(parts), "n": f"{n} {_unit(pairs)}", "uncertainty": " | ".join(texts)}
 
 
-def _r6_localisation_vs_f1(base_table: pd.DataFrame, summary: pd.DataFrame, front: pd.DataFrame) -> dict:
+def _r6_localisation_vs_f1(base_table: pd.DataFrame, front: pd.DataFrame) -> dict:
     traded, both = 0, 0
-    for (config_name, layer), _group in summary.groupby(["config", "layer"], sort=False):
-        base = panel_baseline(base_table, config_name, layer)
-        part = front[(front.config == config_name) & (front.layer == layer) & (front.test_epg > base.test_epg + 0.01)]
+    for (config_name, layer, seed), panel in _with_seed(front).groupby(["config", "layer", "seed"], sort=False):
+        base = panel_baseline(base_table, config_name, layer, seed)
+        part = panel[panel.test_epg > base.test_epg + 0.01]
         traded += int((part.test_f1 < base.test_f1).sum())
         both += int((part.test_f1 >= base.test_f1).sum())
     total = traded + both
@@ -1349,7 +1384,7 @@ def findings(s: dict, base_table: pd.DataFrame, summary: pd.DataFrame, on_object
     when the run lacks what they compare). `pairs`: `pair_scores(...)`; `runs`: `run_finetunes(...)`."""
     rows = [_r1_energy_best_epg(summary), _r2_l1_best_iou(summary), _r3_energy_on_object(on_object),
             _r5_final_layer_helps(s, pairs), _r4_bcos_best_input_epg(s, base_table, summary, pairs),
-            _r6_localisation_vs_f1(base_table, summary, front), _r7_few_boxes(s, fractions, pairs),
+            _r6_localisation_vs_f1(base_table, front), _r7_few_boxes(s, fractions, pairs),
             _r8_coarse_boxes(s, dilation, pairs), _r9_deeper_layer(s, depth, pairs, runs["E1"], runs["E5"]),
             _table1_shift(s, birds), _toy_bcos_trains(base_table)]
     return [row for row in rows if row is not None]
