@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from tqdm.auto import tqdm
 from captum.attr import (
     DeepLift,
     GuidedBackprop,
@@ -78,6 +79,7 @@ from zennit.types import Linear as ZennitLinear
 
 from study.metrics.localisation import rasterise_boxes
 from study.models import get_layer
+from study.train import progress_enabled
 
 REDUCTIONS = ("sum", "mean", "max_abs", "abs_sum", None)
 BASELINES = ("zero", "mean", "blur")
@@ -900,7 +902,8 @@ def explain_many(model: nn.Module | None, images: torch.Tensor, targets, methods
     if isinstance(targets, (torch.Tensor, np.ndarray, list, tuple)):
         targets = _as_targets(targets, None, images)
     results = {}
-    for name, options in plan.items():
+    for name, options in tqdm(plan.items(), desc="attribution methods", disable=not progress_enabled() or len(plan) < 2,
+                              leave=False):
         chunks = []
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)

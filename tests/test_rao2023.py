@@ -317,6 +317,22 @@ def test_smoke_pipeline_analysis_and_findings(smoke):
     assert all(r["n"] and r["uncertainty"] for r in rows)
 
 
+def test_explorer_opens_on_the_energy_guided_model_with_the_target_class_boxes(smoke):
+    from study.explore import explorer
+
+    s, runs = smoke["s"], smoke["runs"]
+    inputs = R.explorer_inputs(s, runs["plan"], 0, n_images=4, device="cpu")
+    assert inputs["images"].shape[0] == 4 and inputs["masks"].shape == (4, 1, *inputs["images"].shape[-2:])
+    for i in range(4):  # the mask is the target class's box union, and the target is a true class
+        assert inputs["masks"][i, 0].any()
+    test = R.load_splits(runs["plan"]["E1"][0]["base"]["recipe"])["test"]
+    assert bool((test.labels[torch.arange(4), inputs["targets"]] == 1).all())
+    table = explorer(inputs["model"], inputs["images"], inputs["targets"], masks=inputs["masks"], steps=4)
+    assert set(table.index) >= {"pointing game", "EPG"} and table["score"].notna().all()
+    with pytest.raises(ValueError, match="no λ_mid input-layer 'ppce' run"):
+        R.explorer_inputs(s, runs["plan"], 0, loss="ppce")
+
+
 def test_paper_grid_runs_end_to_end_at_toy_size(private_cache):
     """Every configuration, layer and loss of the paper profile (card §5.4 full grid) trains and is
     analysed; the paper profile itself needs a GPU, so its grid is exercised here at toy size."""

@@ -941,6 +941,24 @@ def birds_figure(runs: pd.DataFrame) -> tuple[plt.Figure, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- gallery
 
+def explorer_inputs(s: dict, plan: dict, seed: int, loss: str = "energy", n_images: int = 32,
+                    device="auto") -> dict:
+    """What the notebook's explorer opens on: the ablation configuration guided with `loss` at the
+    input layer (λ_mid, first E1 seed), its first test images, one true class per image (the first)
+    and that class's boxes as the mask."""
+    run_seed = e1_seeds(s, seed)[0]
+    spec = next((sp for sp in plan["E1"] if sp["config"] == s["ablation_config"] and sp["layer"] == "input"
+                 and sp["tag"] == "x1" and sp["loss"] == loss and sp["seed"] == run_seed), None)
+    if spec is None:
+        raise ValueError(f"no λ_mid input-layer {loss!r} run of {s['ablation_config']!r} in this plan")
+    model = _model_for(spec, load_result(spec)["state"], device)
+    test = load_splits(spec["base"]["recipe"])["test"]
+    n = min(int(n_images), len(test.images))
+    targets = test.labels[:n].argmax(1)
+    return {"model": model, "images": test.images[:n], "targets": targets,
+            "masks": test.class_masks[torch.arange(n), targets][:, None]}
+
+
 def attribution_gallery(s: dict, baselines: dict, plan: dict, seed: int, layer: str = "input", n: int = 5,
                         device="auto") -> tuple[plt.Figure, pd.DataFrame]:
     """Input-level maps of the ablation configuration: baseline and the λ_mid run of every loss

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from tqdm.auto import tqdm
 
 from study import attribution, config, data, metrics, train
 from study.models import ResNetLike, VGGLike
@@ -551,7 +552,7 @@ def grade_model(model, evaluation: dict, settings: dict, seed: int, tie_break: s
     model = model.to(device).eval()
     frames, curve_sums, histograms = [], {}, {}
     n = len(evaluation["labels"])
-    for start in range(0, n, chunk):
+    for start in tqdm(range(0, n, chunk), desc="grading", disable=not train.progress_enabled(), leave=False):
         part = _chunk(evaluation, start, min(start + chunk, n), device)
         with torch.no_grad():
             correct = (model(part["images"]).argmax(1) == part["labels"]).cpu().numpy()
