@@ -751,7 +751,8 @@ def boxes_to_masks(boxes: Sequence, height: int, width: int, classes: Sequence[i
 
     `boxes[b]` is an (n, 5) array or tensor of [cls, x0, y0, x1, y1] in pixel coordinates,
     end-exclusive (as `study.plots`), rasterised by `study.metrics.rasterise_boxes` (fractional
-    coordinates widened outwards, clipped to the image). With `classes`, only the boxes whose cls equals classes[b] are drawn.
+    coordinates widened outwards, clipped to the image). With `classes`, only the boxes whose cls
+    equals classes[b] are drawn.
     """
     if isinstance(boxes, (torch.Tensor, np.ndarray)) and np.ndim(boxes) != 3:
         raise ValueError("boxes must be a list with one (n, 5) array per image")
