@@ -796,10 +796,13 @@ def on_object_table(front: pd.DataFrame, base_table: pd.DataFrame) -> pd.DataFra
     return table.reset_index()
 
 
+def _n_seeds(frame: pd.DataFrame) -> int:
+    return _with_seed(frame).seed.nunique()
+
+
 def _units(frame: pd.DataFrame) -> str:
     """The unit of a per-panel interval: panels, or (panel, seed) pairs when there are several seeds."""
-    seeds = _with_seed(frame).seed.nunique()
-    return "panels" if seeds == 1 else f"panel × seed units ({seeds} seeds)"
+    return "panels" if _n_seeds(frame) == 1 else f"panel × seed units ({_n_seeds(frame)} seeds)"
 
 
 # ----------------------------------------------------------------------------- analysis: E3–E5
@@ -1144,7 +1147,7 @@ def _hv_ratio_row(summary: pd.DataFrame, loss: str, column: str) -> tuple[str, s
 
 
 def _grid_units(summary: pd.DataFrame, n: int) -> str:
-    seeds = _with_seed(summary).seed.nunique()
+    seeds = _n_seeds(summary)
     return f"{n} panels ({_grid_text(summary)})" if seeds == 1 else \
         f"{n} panel × seed units ({_grid_text(summary)} × {seeds} seeds)"
 
@@ -1163,7 +1166,7 @@ def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
 
 
 def _and_seed(frame: pd.DataFrame) -> str:
-    return "" if _with_seed(frame).seed.nunique() == 1 else " and seed"
+    return "" if _n_seeds(frame) == 1 else " and seed"
 
 
 def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
