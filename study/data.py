@@ -365,7 +365,8 @@ SHAPES_CONFIGS: dict[str, ShapesConfig] = {
 # Per-split overrides of the cards (applied by `shapes_splits` when the config is given by name).
 SPLIT_RECIPES: dict[str, dict[str, dict]] = {
     "synth_objects_64": {"valid": {"spurious_correlation": 0.0}, "test": {"spurious_correlation": 0.0}},
-    "synth_birds_100": {"test": {"spurious_correlation": 0.5, "class_weights": None}},
+    "synth_birds_100": {"test": {"spurious_correlation": 0.5, "class_weights": None},
+                        "select": {"spurious_correlation": 0.5, "class_weights": None}},
 }
 
 

@@ -279,7 +279,7 @@ def test_smoke_pipeline_tables(smoke):
     calibration = smoke["calibration"]
     assert np.isfinite(calibration.lambda_mid).all() and (calibration.lambda_mid > 0).all()
     assert np.allclose(calibration.lambda_card, 0.3 * calibration.L_class / calibration.sum_L_loc)
-    assert {k: len(v) for k, v in runs["plan"].items()} == {"E1": 8, "E3": 2, "E4": 2, "E5": 1, "E6": 6}
+    assert {k: len(v) for k, v in runs["plan"].items()} == {"E1": 8, "E3": 2, "E4": 2, "E5": 1, "E6": 6}  # smoke: one λ per loss
     assert smoke["again"]["timing"]["computed"] == 0                           # every run came from the cache
     pd.testing.assert_frame_equal(runs["E1"], smoke["again"]["E1"])
 
@@ -551,3 +551,54 @@ def test_table1_rule_is_a_paired_comparison_over_seeds():
     assert R._table1_shift(s, _birds([30, -30] * 4))["verdict"] == "inconclusive"
     with pytest.raises(ValueError, match="equal-length"):
         R._paired([1.0, 2.0], [1.0])
+
+
+def _grid_rows(select_min, select_overall=None, test_worst=None):
+    """E6 final rows of one (task, loss, seed) at λ = 3, 10, 30 plus its λ = 0 control."""
+    lams = [3.0, 10.0, 30.0]
+    select_overall = select_overall or [50.0] * 3
+    test_worst = test_worst or [0.0, 0.0, 0.0]
+    rows = [{"task": "conventional", "loss": "energy", "seed": 0, "lam": lam, "select_min_group": m,
+             "select_overall": o, "worst": w} for lam, m, o, w in zip(lams, select_min, select_overall, test_worst)]
+    rows.append({"task": "conventional", "loss": "energy", "seed": 0, "lam": 0.0, "select_min_group": 99.0,
+                 "select_overall": 99.0, "worst": 99.0})
+    return pd.DataFrame(rows)
+
+
+def test_birds_lambda_is_chosen_on_the_selection_split_never_on_test():
+    chosen = R.select_birds_lambda(_grid_rows([10.0, 40.0, 20.0], test_worst=[90.0, 0.0, 0.0]))
+    assert chosen[chosen.chosen].lam.tolist() == [10.0, 0.0]                 # best selection min-group; control kept
+    flipped = R.select_birds_lambda(_grid_rows([10.0, 20.0, 40.0], test_worst=[90.0, 0.0, 0.0]))
+    assert flipped[flipped.chosen].lam.tolist() == [30.0, 0.0]               # the choice follows the selection split
+    tie = R.select_birds_lambda(_grid_rows([40.0, 40.0, 40.0], select_overall=[60.0, 70.0, 70.0]))
+    assert tie[tie.chosen].lam.tolist() == [10.0, 0.0]                       # tie → higher overall → smaller λ
+    table = R.birds_lambda_table(_grid_rows([10.0, 40.0, 20.0]))
+    assert table.chosen_by_seeds.tolist() == [0, 1, 0] and table.seeds.tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="select_min_group"):
+        R.select_birds_lambda(_grid_rows([1.0, 2.0, 3.0]).drop(columns="select_min_group"))
+
+
+def test_birds_lambda_grid_keeps_guidance_per_training_set_constant():
+    s = R.settings("quick")
+    assert R.birds_lambdas(s, "energy") == pytest.approx([3.0, 10.0, 30.0])      # at 1% of the boxes
+    assert R.birds_lambdas({**s, "birds_fraction": 0.1}, "l1") == pytest.approx([10.0, 30.0, 100.0])
+    with pytest.raises(ValueError, match="ppce"):
+        R.birds_lambdas(s, "ppce")
+
+
+def test_synthbirds_selection_split_is_balanced_and_disjoint_from_test():
+    s = R.settings("smoke")
+    birds = R.load_birds(s, 0, "conventional")
+    select = R.selection_split(birds)
+    assert len(select) == s["birds_n_select"]
+    assert [int((select.group == g).sum()) for g in range(4)] == [4, 4, 4, 4]   # balanced like test
+    assert not any(torch.equal(a, b) for a in select.images[:4] for b in birds["test"].images)
+    assert R.selection_split({"valid": birds["valid"]}) is birds["valid"]        # real Waterbirds: validation
+
+
+def test_adding_the_selection_split_leaves_the_other_splits_data_alone():
+    s = R.settings("smoke")
+    with_select, without = R.load_birds(s, 0), R.load_birds({**s, "birds_n_select": 0}, 0)
+    assert "select" in with_select and "select" not in without
+    for split in ("train", "valid", "test"):
+        assert torch.equal(with_select[split].images, without[split].images)

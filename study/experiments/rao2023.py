@@ -188,7 +188,8 @@ def birds_recipe(s: dict, seed: int, task: str, dataset: str = "synth_birds_100"
     if task not in ("conventional", "reversed"):
         raise ValueError(f"task must be 'conventional' or 'reversed', got {task!r}")
     return {"name": dataset, "image_size": s["birds_image_size"], "seed": seed, "task": task,
-            "sizes": {"train": s["birds_n_train"], "valid": s["birds_n_valid"], "test": s["birds_n_test"]},
+            "sizes": {"train": s["birds_n_train"], "valid": s["birds_n_valid"], "test": s["birds_n_test"],
+                      **({"select": s["birds_n_select"]} if dataset == "synth_birds_100" and s["birds_n_select"] else {})},
             "tint": s["birds_tint"], "contrast": s["birds_contrast"],
             "data_root": None if data_root is None else str(data_root)}
 
@@ -244,6 +245,11 @@ def tint_background(arrays: dict, tint: float, seed: int) -> dict:
     return {**arrays, "images": np.where(arrays["masks"], images, background).astype(np.float32)}
 
 
+# Per split, so that adding a split leaves the others' backgrounds alone (the values are the
+# positions the three original splits had in the recipe's sorted JSON, so their data is unchanged).
+TINT_SEED_OFFSETS = {"test": 0, "train": 1, "valid": 2, "select": 3}
+
+
 @lru_cache(maxsize=6)
 def _load_splits(recipe_json: str) -> dict[str, G.GuidanceData]:
     recipe = json.loads(recipe_json)
@@ -263,8 +269,8 @@ def _load_splits(recipe_json: str) -> dict[str, G.GuidanceData]:
     if name == "synth_birds_100":
         arrays = data.shapes_splits(recipe["seed"], name, sizes=sizes, use_cache=True, image_size=size,
                                     reference_size=size, bird_bar_contrast=recipe["contrast"])
-        arrays = {split: tint_background(a, recipe["tint"], recipe["seed"] + offset)
-                  for offset, (split, a) in enumerate(arrays.items())}
+        arrays = {split: tint_background(a, recipe["tint"], recipe["seed"] + TINT_SEED_OFFSETS[split])
+                  for split, a in arrays.items()}
         for a in arrays.values():
             a["place"] = a["group"] % 2
     elif name == "waterbirds":
@@ -390,6 +396,13 @@ def _model_for(spec: dict, state: dict, device="cpu") -> G.ToyNet:
     return model.to(config.get_device(device)).eval()
 
 
+def selection_split(splits: dict) -> G.GuidanceData:
+    """The split E6 chooses λ on: the balanced held-out `select` split of SynthBirds (a deviation,
+    card §9: training and validation are 100% correlated, so they cannot rank models under shift);
+    real Waterbirds has no such split, so its (correlated) validation split is used, as the paper's."""
+    return splits.get("select", splits["valid"])
+
+
 def group_accuracy(model: G.ToyNet, d: G.GuidanceData, device="cpu") -> dict:
     """Accuracy (%) per group, the designated worst group (waterbird on land), the minimum and overall."""
     predicted = G.predict_logits(model, d.images, device=config.get_device(device)).argmax(1)
@@ -445,6 +458,7 @@ def _compute(spec: dict, device="cpu") -> dict:
             summary.update({f"test_{layer}_{k}": v for k, v in scores.items() if isinstance(v, float)})
         if "task" in spec["recipe"]:
             summary.update(group_accuracy(model, test, device))
+            summary.update({f"select_{k}": v for k, v in group_accuracy(model, selection_split(splits), device).items()})
             summary["test_epg"] = summary["final_test_epg"]
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     history = [{k: float(v) for k, v in row.items()} for row in history]
@@ -549,10 +563,11 @@ def calibrate(s: dict, baselines: dict, device="auto") -> pd.DataFrame:
     layer, loss) of E1/E5 and every SynthBirds (task, loss). Both rules are printed:
     * `lambda_card` = 0.3 · L_class / Σ L_loc (the card's rule, on loss values);
     * `lambda_mid`  = 0.3 · ‖∇L_class‖ / ‖∇Σ L_loc‖ (used: the same rule on gradient norms).
-    The grid is `lambda_mid` × `lambda_factors`. E3 and SynthBirds runs use `lambda_mid` / fraction
-    (the few annotated images carry the guidance, card §9). The rule is not applied on SynthBirds
-    itself: its baseline fits the (100% correlated) training set almost perfectly, so
-    L_class and its gradient are ~0 and any rule built on them gives λ ≈ 0."""
+    The grid is `lambda_mid` × `lambda_factors`. E3 runs use `lambda_mid` / fraction (the few
+    annotated images carry the guidance, card §9). The rule is not applied on SynthBirds: its
+    baseline fits the (100% correlated) training set almost perfectly, so L_class and its gradient
+    are ~0 and any rule built on them gives λ ≈ 0; E6 searches its own grid (`birds_lambdas`) and
+    chooses on its own held-out split (`select_birds_lambda`)."""
     rows = []
     for (kind, name, run_seed), spec in baselines["specs"].items():
         if kind != "voc":
@@ -621,15 +636,24 @@ def plan_finetunes(s: dict, seed: int, baselines: dict, calibration: pd.DataFram
             recipe = baselines["recipes"][("birds", task, run_seed)]
             fraction = s["birds_fraction"]
             for loss in ("energy", "l1"):
-                middle = _lambda(calibration, "E1", s["birds_config"], e1_seeds(s, seed)[0], s["birds_layer"], loss)
-                plan["E6"].append(finetune_spec(s, base, s["birds_config"], s["birds_layer"], loss,
-                                                middle * s["birds_lambda_scale"] / fraction, fraction=fraction,
-                                                track="final", epochs=s["birds_finetune_epochs"], tag=task, recipe=recipe,
-                                                final="test"))
+                for lam in birds_lambdas(s, loss):
+                    plan["E6"].append(finetune_spec(s, base, s["birds_config"], s["birds_layer"], loss, lam,
+                                                    fraction=fraction, track="final", epochs=s["birds_finetune_epochs"],
+                                                    tag=task, recipe=recipe, final="test"))
             plan["E6"].append(finetune_spec(s, base, s["birds_config"], s["birds_layer"], "energy", 0.0, fraction=fraction,
                                             track="final", epochs=s["birds_finetune_epochs"], tag=task + " control",
                                             recipe=recipe, final="test"))
     return plan
+
+
+def birds_lambdas(s: dict, loss: str) -> list[float]:
+    """E6's λ grid for `loss`: `birds_lambdas[loss]` (values for 1% of the boxes, log-spaced around
+    the card's §9 SynthBirds pilot: Energy 10–30, L1 ≥ 1000) × 0.01 / the box fraction, so that
+    λ·fraction, the guidance the training set receives, is the same at any fraction (card §9)."""
+    grid = s["birds_lambdas"].get(loss)
+    if not grid:
+        raise ValueError(f"birds_lambdas has no grid for loss {loss!r}: {s['birds_lambdas']!r}")
+    return [float(lam) * 0.01 / s["birds_fraction"] for lam in grid]
 
 
 def run_finetunes(s: dict, seed: int, baselines: dict, calibration: pd.DataFrame, device="auto") -> dict:
@@ -894,9 +918,41 @@ def birds_baseline_rows(s: dict, baselines: dict, device="auto") -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+SELECT_TIE = 1e-9
+
+
+def select_birds_lambda(final: pd.DataFrame) -> pd.DataFrame:
+    """E6's λ choice, one per (task, loss, seed), from the guided runs' final rows (λ > 0): the
+    highest minimum-group accuracy on the selection split (`selection_split`), ties (within
+    1e-9) to the higher selection-split overall accuracy, then to the smaller λ. Test numbers play
+    no part. Returns `final` with a bool column `chosen` (the λ = 0 controls are always kept)."""
+    needed = {"task", "loss", "seed", "lam", "select_min_group", "select_overall"}
+    if missing := needed - set(final.columns):
+        raise ValueError(f"E6 rows lack the columns {sorted(missing)} (runs computed before the selection split?)")
+    chosen = pd.Series(final.lam == 0, index=final.index)
+    guided = final[final.lam > 0]
+    for _key, group in guided.groupby(["task", "loss", "seed"]):
+        best = group.select_min_group.max()
+        tied = group[group.select_min_group >= best - SELECT_TIE]
+        tied = tied[tied.select_overall >= tied.select_overall.max() - SELECT_TIE]
+        chosen[tied.lam.idxmin()] = True
+    return final.assign(chosen=chosen)
+
+
+def birds_lambda_table(final: pd.DataFrame) -> pd.DataFrame:
+    """Per task, loss and λ of the E6 grid: how many seeds chose it, and the mean selection-split
+    minimum-group and test worst-group accuracy (the test column is shown, never used to choose)."""
+    guided = select_birds_lambda(final).query("lam > 0")
+    return (guided.groupby(["task", "loss", "lam"])
+            .agg(chosen_by_seeds=("chosen", "sum"), select_min_group=("select_min_group", "mean"),
+                 test_worst=("worst", "mean"), seeds=("seed", "nunique")).reset_index())
+
+
 def birds_runs(e6: pd.DataFrame, baseline_rows: pd.DataFrame) -> pd.DataFrame:
-    final = final_table(e6)
-    final = final.assign(model=np.where(final.lam == 0, "control", final.loss))
+    """Baseline rows plus the E6 runs kept for Table 1: the λ = 0 control and, per (task, loss,
+    seed), the guided run at the λ chosen on the selection split."""
+    final = select_birds_lambda(final_table(e6))
+    final = final[final.chosen].assign(model=lambda f: np.where(f.lam == 0, "control", f.loss))
     columns = ["task", "seed", "model", "lam", "worst", "min_group", "overall", "test_epg"] + [f"group_{g}" for g in range(4)]
     return pd.concat([baseline_rows, final[[c for c in columns if c in final]]], ignore_index=True)
 
@@ -1384,7 +1440,7 @@ def _table1_shift(s: dict, birds: pd.DataFrame) -> dict:
                         f"{fmt(minimum, 'baseline')} → {fmt(minimum, 'energy')} / {fmt(minimum, 'l1')} (control "
                         f"{fmt(minimum, 'control')}); overall {fmt(overall, 'baseline')} → {fmt(overall, 'energy')} / "
                         f"{fmt(overall, 'l1')} (control {fmt(overall, 'control')}); rev. worst {fmt(rev, 'baseline')} → "
-                        f"{fmt(rev, 'energy')} / {fmt(rev, 'l1')} ({seeds}, SynthBirds-100; λ from SynthVOC){note}",
+                        f"{fmt(rev, 'energy')} / {fmt(rev, 'l1')} ({seeds}, SynthBirds-100; λ chosen per seed on a balanced held-out split){note}",
             "verdict": combine(parts), "n": seeds, "uncertainty": " | ".join(texts)}
 
 
