@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import hashlib
-import json
 import math
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -38,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import study.config
+from study import cache
 
 # Bump when a generator changes its output, so that cached arrays of the old code are not reused.
 GENERATOR_VERSION = 1
@@ -1006,27 +1003,6 @@ def standardise(images, mean, std):
 _RAGGED, _LENGTHS, _SCALAR, _KEY = "::ragged", "::lengths", "::scalar", "__cache_key__"
 
 
-def _canonical(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise ValueError(f"cache parameters must be JSON-like (numbers, strings, lists, dicts, dataclasses), got {value!r}")
-
-
-def cache_key(name: str, params: dict) -> str:
-    """Canonical JSON of name and params (sorted keys): the text that is hashed."""
-    try:
-        return json.dumps({"name": name, "params": params}, sort_keys=True, separators=(",", ":"),
-                          default=_canonical, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"cannot build a cache key from params: {error}") from error
-
-
 def _encode(arrays: dict, prefix: str = "") -> dict[str, np.ndarray]:
     flat = {}
     for key, value in arrays.items():
@@ -1073,12 +1049,11 @@ def _decode(flat: dict[str, np.ndarray]) -> dict:
 
 
 def cached(name: str, params: dict, build: Callable[[], dict], cache_dir=None) -> dict:
-    """`build()` once, then reload it: arrays stored as `<cache_dir>/data/<name>-<sha256>.npz`.
+    """`build()` once, then reload it: arrays stored as `<cache_dir>/data/<name>-<key>.npz`
+    (`study.cache`: the key hashes the canonical JSON of name and params, written atomically).
 
-    The file name holds the sha256 of the canonical JSON of (name, params), and the file stores
-    that JSON, which is checked on load. Writes go to a temporary file in the same directory
-    that is then renamed (`os.replace`), so a crash never leaves a half-written result under the
-    final name; an unreadable or mismatching file is rebuilt. Lists of arrays (`boxes`,
+    The file also stores that JSON, which is checked on load; an unreadable or mismatching file is
+    rebuilt. Lists of arrays (`boxes`,
     `object_masks`) are stored as concatenation + lengths, so loading needs no pickle.
     `cache_dir=None` means `study.config.CACHE_DIR`.
     """
@@ -1086,9 +1061,8 @@ def cached(name: str, params: dict, build: Callable[[], dict], cache_dir=None) -
         raise ValueError(f"name must be a non-empty string of letters, digits, '_', '.', '-', got {name!r}")
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict, got {type(params).__name__}")
-    key = cache_key(name, params)
-    folder = Path(study.config.CACHE_DIR if cache_dir is None else cache_dir) / "data"
-    path = folder / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    key = cache.canonical(name, params)
+    path = cache.path("data", name, params, ".npz", cache_dir)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as stored:
@@ -1102,17 +1076,12 @@ def cached(name: str, params: dict, build: Callable[[], dict], cache_dir=None) -
         raise ValueError(f"build() must return a dict of arrays, got {type(arrays).__name__}")
     flat = _encode(arrays)
     flat[_KEY] = np.asarray(key)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}-", suffix=".tmp", delete=False)
-    try:
-        with handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
             np.savez(handle, **flat)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+
+    cache.atomic_write(path, write)
     return arrays
 
 

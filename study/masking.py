@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from study import config, train
+from study import cache, config
 from study.attribution import gaussian_blur
 from study.models import init_conv_bn
 
@@ -705,14 +705,14 @@ def cached_train_masker(name: str, params: dict, classifier: nn.Module, images: 
         "classifier": None if spec.fixed else {k: v.detach().cpu() for k, v in run.classifier.state_dict().items()},
         "history": [{k: float(v) for k, v in row.items()} for row in run.history],
     }
-    train.atomic_torch_save(state, path)
+    cache.save_torch(state, path)
     return run
 
 
 def masker_cache_path(name: str, params: dict, spec: MaskerSpec, seed: int, cache_dir: Path | None = None) -> Path:
     """Where `cached_train_masker` keeps the masker of (name, params, spec, seed)."""
-    key = train.cache_key(name, {"params": params, "spec": spec.as_dict(), "seed": seed, "version": 2})
-    return Path(cache_dir or config.CACHE_DIR) / "maskers" / f"{name}-{key}.pt"
+    return cache.path("maskers", name, {"params": params, "spec": spec.as_dict(), "seed": seed, "version": 2}, ".pt",
+                      cache_dir)
 
 
 @torch.no_grad()

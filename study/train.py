@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from study import config
+from study import cache, config
 
 ExtraLoss = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
 # criterion -> True when higher is better
@@ -148,26 +145,6 @@ def fit(
     return result
 
 
-def cache_key(name: str, params: dict) -> str:
-    """A stable hash of everything that affects a cached result."""
-    canonical = json.dumps({"name": name, "params": params, "torch": torch.__version__.split("+")[0]},
-                           sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def cached_fit(
     name: str,
     params: dict,
@@ -188,14 +165,14 @@ def cached_fit(
 
 def fit_cache_path(name: str, params: dict, cache_dir: Path | None = None) -> Path:
     """Where `cached_fit` keeps the model trained with (name, params)."""
-    return Path(cache_dir or config.CACHE_DIR) / "models" / f"{name}-{cache_key(name, params)}.pt"
+    return cache.path("models", name, params, ".pt", cache_dir)
 
 
 def store_fit(path: Path, result: FitResult) -> None:
     """Save a FitResult's weights (on the CPU), history (floats) and selected epoch, atomically."""
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     history = [{k: float(v) for k, v in row.items()} for row in result.history]
-    atomic_torch_save({"state_dict": state, "history": history, "best_epoch": result.best_epoch}, path)
+    cache.save_torch({"state_dict": state, "history": history, "best_epoch": result.best_epoch}, path)
 
 
 def load_fit(path: Path, model: nn.Module, device: str | torch.device = "auto") -> FitResult:

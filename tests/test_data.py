@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 import study  # noqa: F401  (makes torchvision importable; must come first)
-from study import data
+from study import cache, data
 
 CONFIGS = sorted(data.SHAPES_CONFIGS)
 
@@ -498,7 +498,7 @@ def test_cache_never_reads_temp_files_or_interrupted_writes(tmp_path, monkeypatc
         raise KeyboardInterrupt  # the process dies between writing and renaming
 
     before = sorted(folder.iterdir())
-    monkeypatch.setattr(data.os, "replace", crash)
+    monkeypatch.setattr(cache.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         data.cached("toy", {"a": 2}, build, cache_dir=tmp_path)
     monkeypatch.undo()

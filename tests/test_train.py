@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -71,20 +70,6 @@ def test_cache_hit_skips_training(tmp_path):
     assert all(torch.equal(v, second.model.state_dict()[k]) for k, v in first.model.state_dict().items())
     train.cached_fit("toy", {"a": 2}, _model, fit, cache_dir=tmp_path)
     assert len(calls) == 2
-
-
-def test_interrupted_write_leaves_no_readable_partial_file(tmp_path, monkeypatch):
-    def dying_save(obj, path):
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    target = tmp_path / "models" / "x.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train.atomic_torch_save({"w": torch.zeros(1)}, target)
-    assert not target.exists()
-    assert os.listdir(target.parent) == []
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -658,3 +658,13 @@ def test_lrp_is_the_cards_rule_zb_on_the_first_layer_with_the_standardised_pixel
     without = {k: v for k, v in evaluation.items() if k != "input_low"}
     with pytest.raises(ValueError, match="input_low"):
         V.compute_maps(model, without, SIZES, seed=0)
+
+
+def test_an_undefined_interval_is_explained_and_inconclusive():
+    undefined = _intervals("median_abs_r_pg", (np.nan, np.nan)).assign(estimate=0.19)
+    intervals = pd.concat([undefined, _intervals("pg_minus_other", (-0.1, 0.1))])
+    summary = pd.DataFrame({"arch": ["arch0"], "median_abs_r_other_pairs": [0.3]})
+    row = V._pointing_game({"intervals": intervals, "correlation_summary": summary})
+    assert row["verdict"] == "inconclusive"
+    assert "[nan" not in row["this_run"] and "0.19 [undefined: the statistic is NaN in some resamples" in row["this_run"]
+    assert "undefined" in row["uncertainty"]

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from study import config, data, parallel, plots, train
+from study import cache, config, data, parallel, plots
 from study import guidance as G
 from study.findings import describe_interval, interval_verdict, mean_interval
 
@@ -378,7 +378,7 @@ def finetune_spec(s: dict, base: dict, config_name: str, layer: str, loss: str, 
 
 
 def _path(spec: dict) -> Path:
-    return config.CACHE_DIR / "rao2023" / f"{spec['kind']}-{train.cache_key('rao2023-' + spec['kind'], spec)}.pt"
+    return cache.path("rao2023", spec["kind"], spec, ".pt")
 
 
 def _config_of(spec: dict) -> str:
@@ -478,7 +478,7 @@ def _compute_and_store(spec: dict, device: str) -> float:
     if path.is_file():
         return 0.0
     result = _compute(spec, device)
-    train.atomic_torch_save(result, path)
+    cache.save_torch(result, path)
     return result["seconds"]
 
 

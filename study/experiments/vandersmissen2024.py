@@ -10,11 +10,8 @@ map × metric) cached on disk, so that each analysis below is a pandas groupby.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from study import attribution, config, data, metrics, train
+from study import cache as disk_cache
 from study.models import ResNetLike, VGGLike
 
 SECTION = "vandersmissen2024"
@@ -115,7 +113,7 @@ def train_models(prepared: dict, seed: int, device: str = "auto", architectures=
         result = train.cached_fit(f"{SECTION}_{arch}", params, build, fit, device=device)
         runs[arch] = {"model": result.model.eval(), "test": train.evaluate(result.model, test_loader, device),
                       "history": pd.DataFrame(result.history), "from_cache": result.from_cache,
-                      "model_key": train.cache_key(f"{SECTION}_{arch}", params)}
+                      "model_key": disk_cache.key(f"{SECTION}_{arch}", params)}
     return runs
 
 
@@ -596,21 +594,8 @@ def _long(frame: pd.DataFrame, arch: str) -> pd.DataFrame:
 
 
 def _cache_paths(key_params: dict, cache_dir) -> dict[str, Path]:
-    digest = hashlib.sha256(json.dumps(key_params, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    folder = Path(cache_dir or config.CACHE_DIR) / SECTION
-    return {part: folder / f"scores-{digest}-{part}.csv.gz" for part in ("scores", "curves", "densities")}
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        frame.to_csv(tmp, index=False, compression="gzip")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return {part: disk_cache.path(SECTION, f"scores-{part}", key_params, ".csv.gz", cache_dir)
+            for part in ("scores", "curves", "densities")}
 
 
 def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "raster", rise_p: float = 0.1,
@@ -622,8 +607,7 @@ def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "ra
     if tie_break not in ("raster", "random"):
         raise ValueError(f"tie_break must be 'raster' or 'random', got {tie_break!r}")
     key = {"version": CACHE_VERSION, "settings": s, "seed": seed, "tie_break": tie_break, "rise_p": rise_p,
-           "dataset": prepared["dataset"], "models": {a: r["model_key"] for a, r in runs.items()},
-           "torch": torch.__version__.split("+")[0]}
+           "dataset": prepared["dataset"], "models": {a: r["model_key"] for a, r in runs.items()}}
     if prepared.get("data_key"):  # data on disk (folder, ImageNet): the files, geometry and normalisation
         key["data"] = prepared["data_key"]
     paths = _cache_paths(key, cache_dir)
@@ -641,7 +625,8 @@ def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "ra
     result = Evaluation(*(pd.concat(parts[p], ignore_index=True) for p in ("scores", "curves", "densities")))
     if cache:
         for part in ("scores", "curves", "densities"):
-            _atomic_csv(getattr(result, part), paths[part])
+            frame = getattr(result, part)
+            disk_cache.atomic_write(paths[part], lambda tmp, frame=frame: frame.to_csv(tmp, index=False, compression="gzip"))
     return result
 
 
@@ -1426,9 +1411,15 @@ def _judge(intervals: pd.DataFrame, statistic: str, threshold: float, above: boo
     return [_side(r.low, r.high, threshold, above) for r in _rows(intervals, statistic).itertuples()]
 
 
+def _bounds(low: float, high: float, fmt: str) -> str:
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "[undefined: the statistic is NaN in some resamples, e.g. a metric constant over the resampled images]"
+    return f"[{fmt.format(low)}, {fmt.format(high)}]"
+
+
 def _text(intervals: pd.DataFrame, statistic: str, fmt: str = "{:.2f}", label=None) -> str:
     return "; ".join(f"{_arch_label(r.arch)}{' ' + label if label else ''} {fmt.format(r.estimate)} "
-                     f"[{fmt.format(r.low)}, {fmt.format(r.high)}]" for r in _rows(intervals, statistic).itertuples())
+                     f"{_bounds(r.low, r.high, fmt)}" for r in _rows(intervals, statistic).itertuples())
 
 
 def _n(intervals: pd.DataFrame, statistic: str) -> str:
@@ -1441,7 +1432,7 @@ def _uncertainty(intervals: pd.DataFrame, statistics, fmt: str = "{:.2f}") -> st
     for statistic in statistics:
         rows = _rows(intervals, statistic)
         parts.append(f"{statistic}: " + "; ".join(
-            f"{_arch_label(r.arch)} {fmt.format(r.estimate)} [{fmt.format(r.low)}, {fmt.format(r.high)}], "
+            f"{_arch_label(r.arch)} {fmt.format(r.estimate)} {_bounds(r.low, r.high, fmt)}, "
             f"95% {r.method} CI over {r.n} {r.unit}" for r in rows.itertuples()))
     return " | ".join(parts)
 

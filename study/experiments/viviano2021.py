@@ -370,9 +370,8 @@ def cache_params(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, 
 def is_cached(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
               actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False) -> bool:
     name = f"viviano2021_{method}"
-    key = train.cache_key(name, cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda,
-                                             skip_empty_masks))
-    return (config.CACHE_DIR / "models" / f"{name}-{key}.pt").is_file()
+    params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks)
+    return train.fit_cache_path(name, params).is_file()
 
 
 # Methods whose seeds train together with `train.fit_many` (cross-entropy, optionally an
