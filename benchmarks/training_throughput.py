@@ -4,16 +4,17 @@
                                              [--devices cpu cuda] [--threads N]
 
 (a) `plain`: a plain PyTorch per-run loop (data as tensors on the device, Adam, the same loss);
-(b) `fit`: today's `train.fit` fed by `data.make_loader` (per-item Dataset + collate, a
-    `loss.item()` per step), as the notebooks call it;
-(c) `fit_many R=…`: `train.fit_many`, R runs trained together, time divided by R·steps.
+(b) `fit`: `train.fit` fed by `data.make_loader` (per-item Dataset + collate), as notebooks
+    01–04 call it (until 2026-12-05 `fit` also read `loss.item()` on every step);
+(c) `engine`: `train.fit` fed by a `train.TensorLoader` over tensors already on the device (index
+    batches, losses summed on the device and read once per epoch), as 05's guidance training runs;
+(d) `fit_many R=…`: `train.fit_many`, R runs trained together, time divided by R·steps.
 
 Cases (synthetic tensors of each study's `quick` training shape; the numbers do not depend on
 the pixel values): 04 = Viviano's width-8 ResNet-18 on 28 px, batch 16, 2 classes (cross-entropy);
 03 = Phang's §5.2 classifier (widths 8/16/32/64, stride-2 stem) on 64 px RGB, batch 72, 10 classes;
 05 = Rao's B-cos toy network (widths 8/16/32/64) on 32 px RGB, batch 64, 6 multi-hot classes
-(binary cross-entropy). 05's own loop today is `guidance.train_baseline`, not `train.fit`; its `fit`
-row is `train.fit` on the same model and loss.
+(binary cross-entropy); 05's stage 1 (`guidance.train_baseline`) is the `engine` row's code path.
 
 Each timing runs `steps` optimizer steps after a warm-up; CUDA timings synchronise before the
 clock stops. Ratios are (b)/(x) and (a)/(x): above 1 means x is faster. Time on an idle machine:
@@ -90,6 +91,12 @@ def todays_fit(case: dict, tensors: dict, steps: int, device: torch.device) -> N
     train.fit(build(case, 0), loader, epochs=1, lr=1e-3, device=device, progress=False)
 
 
+def engine_fit(case: dict, tensors: dict, steps: int, device: torch.device) -> None:
+    subset = {k: v[:steps * case["batch"]].to(device) for k, v in tensors.items()}
+    train.fit(build(case, 0), train.TensorLoader(subset, case["batch"], seed=0), epochs=1, lr=1e-3, device=device,
+              progress=False)
+
+
 def many(case: dict, tensors: dict, steps: int, runs: int, device: torch.device) -> None:
     subset = {k: v[:steps * case["batch"]] for k, v in tensors.items()}
     train.fit_many([build(case, r) for r in range(runs)], subset, seeds=list(range(runs)), epochs=1,
@@ -106,6 +113,8 @@ def bench_case(key: str, device: torch.device, steps: int, runs: list[int]) -> l
     rows.append(("plain", 1, clocked(lambda: plain_loop(case, tensors, steps, device), device) / steps))
     todays_fit(case, tensors, warm, device)
     rows.append(("fit", 1, clocked(lambda: todays_fit(case, tensors, steps, device), device) / steps))
+    engine_fit(case, tensors, warm, device)
+    rows.append(("engine", 1, clocked(lambda: engine_fit(case, tensors, steps, device), device) / steps))
     for r in runs:
         many(case, tensors, warm, r, device)
         rows.append((f"fit_many R={r}", r, clocked(lambda r=r: many(case, tensors, steps, r, device), device) / (steps * r)))

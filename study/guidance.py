@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study import config
+from study import config, train as engine
 from study.metrics.localisation import rasterise_boxes
 
 LAYERS = ("input", "mid", "final")
@@ -655,34 +655,42 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool 
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def _loader(data: GuidanceData, batch_size: int, generator: torch.Generator, device) -> engine.TensorLoader:
+    """The training batches of `data` on `device`, an epoch's order `randperm(n, generator)`."""
+    tensors = {"image": data.images, "label": data.labels, "class_masks": data.class_masks, "annotated": data.annotated}
+    return engine.TensorLoader({k: v.to(device) for k, v in tensors.items()}, batch_size, generator=generator)
+
+
+class _EpochTimer:
+    """`train.fit` hooks that time an epoch's training (evaluation excluded): `before` is the
+    `before_epoch` hook; `lap()`, called first by whichever hook runs after the training batches,
+    returns the epoch's {"seconds", "cpu_seconds"} (the same dict on later calls)."""
+
+    def before(self, model: nn.Module, epoch: int) -> None:
+        self.start, self.cpu, self.split = time.perf_counter(), time.process_time(), None
+
+    def lap(self) -> dict:
+        if self.split is None:
+            self.split = {"seconds": time.perf_counter() - self.start, "cpu_seconds": time.process_time() - self.cpu}
+        return self.split
+
+
 def train_baseline(model: ToyNet, train: GuidanceData, valid: GuidanceData, *, epochs: int, lr: float = 1e-3,
                    batch_size: int = 64, seed: int = 0, device="cpu") -> tuple[ToyNet, list[dict]]:
-    """Stage 1: BCE only, Adam; keeps the validation-F1-best epoch. Returns (model, history)."""
+    """Stage 1: BCE only, Adam; keeps the validation-F1-best epoch (`train.fit`). Returns (model, history)."""
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
     device = config.get_device(device)
-    model.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    history, best, best_state = [], -1.0, None
-    for epoch in range(epochs):
-        start, cpu, total = time.perf_counter(), time.process_time(), 0.0
-        model.train()
-        for rows in _batches(len(train), batch_size, generator):
-            logits = model(train.images[rows].to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, train.labels[rows].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(rows)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        f1 = micro_f1(predict_logits(model, valid.images, device=device), valid.labels)
-        history.append({"epoch": epoch, "train_loss": total / len(train), "valid_f1": f1, "seconds": seconds,
-                        "cpu_seconds": cpu})
-        if f1 > best:
-            best, best_state = f1, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return model.eval(), history
+    timer = _EpochTimer()
+
+    def validate(m: nn.Module) -> dict:
+        timer.lap()
+        return {"f1": micro_f1(predict_logits(m, valid.images, device=device), valid.labels)}
+
+    result = engine.fit(model, _loader(train, batch_size, torch.Generator().manual_seed(seed), device), epochs=epochs,
+                        lr=lr, validate=validate, select="valid_f1", before_epoch=timer.before,
+                        after_epoch=lambda m, record: record.update(timer.lap()), device=device, progress=False)
+    return result.model, result.history
 
 
 def guidance_step_loss(model: ToyNet, images: torch.Tensor, labels: torch.Tensor, class_masks: torch.Tensor,
@@ -714,7 +722,7 @@ def guidance_step_loss(model: ToyNet, images: torch.Tensor, labels: torch.Tensor
             maps, _ = layer_attribution(model, images[rows], targets, layer, method, create_graph=True)
         localisation = guidance_loss(loss, maps, masks, reduction="sum")
     total = classification + lam * localisation
-    return total, {"class": classification.item(), "loc": localisation.item(), "annotated": len(rows)}
+    return total, {"class": classification.detach(), "loc": localisation.detach(), "annotated": len(rows)}
 
 
 def calibrate_lambda(model: ToyNet, data: GuidanceData, *, loss: str, layer: str, method: str | None = None,
@@ -730,8 +738,9 @@ def calibrate_lambda(model: ToyNet, data: GuidanceData, *, loss: str, layer: str
                                   data.class_masks[rows].to(device), torch.ones(len(rows), dtype=torch.bool, device=device),
                                   loss=loss, layer=layer, method=method, lam=0.0, generator=generator)
     model.eval()
-    middle = factor * parts["class"] / max(parts["loc"], 1e-12)
-    return {"class": parts["class"], "loc_sum": parts["loc"], "batch": len(rows), "lambda_mid": middle,
+    class_loss, loc_sum = float(parts["class"]), float(parts["loc"])
+    middle = factor * class_loss / max(loc_sum, 1e-12)
+    return {"class": class_loss, "loc_sum": loc_sum, "batch": len(rows), "lambda_mid": middle,
             "grid": [middle / 3, middle, middle * 3]}
 
 
@@ -769,45 +778,57 @@ def guided_finetune(model: ToyNet, train: GuidanceData, valid: GuidanceData | No
                     lam: float, epochs: int, method: str | None = None, lr: float = 1e-4, batch_size: int = 64,
                     seed: int = 0, device="cpu", eval_batch_size: int = 256,
                     on_front: Callable[[ToyNet], dict] | None = None) -> dict:
-    """Stage 2: fine-tune with BCE + λ·L_loc (BatchNorm frozen), evaluate validation after every
-    epoch (unless `valid` is None), and, after training, call `on_front(model)` (e.g. test metrics)
-    with the weights of every epoch on the run's validation Pareto front on (F1, EPG, tuned IoU).
-    (A checkpoint on the front over several runs is on its own run's front, so this suffices.)
+    """Stage 2 (`train.fit` with the guidance step): fine-tune with BCE + λ·L_loc (BatchNorm
+    frozen), evaluate validation after every epoch (unless `valid` is None), and, after training,
+    call `on_front(model)` (e.g. test metrics) with the weights of every epoch on the run's
+    validation Pareto front on (F1, EPG, tuned IoU). (A checkpoint on the front over several runs
+    is on its own run's front, so this suffices.) History rows count epochs from 1.
     Returns {"history": rows, "state": final weights}."""
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     device = config.get_device(device)
-    model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    history, front_points, candidates = [], [], {}
-    for epoch in range(epochs):
-        freeze_batchnorm(model)
-        start, cpu, sums = time.perf_counter(), time.process_time(), {"class": 0.0, "loc": 0.0}
-        for rows in _batches(len(train), batch_size, generator):
-            total, parts = guidance_step_loss(
-                model, train.images[rows].to(device), train.labels[rows].to(device),
-                train.class_masks[rows].to(device), train.annotated[rows].to(device),
-                loss=loss, layer=layer, method=method, lam=lam, generator=generator)
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            optimiser.step()
-            sums["class"] += parts["class"] * len(rows)
-            sums["loc"] += parts["loc"]
-        row = {"epoch": epoch + 1, "train_class": sums["class"] / len(train), "train_loc": sums["loc"],
-               "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
+    timer, front_points, candidates, sums = _EpochTimer(), [], {}, {}
+
+    def before_epoch(m: nn.Module, epoch: int) -> None:
+        freeze_batchnorm(m)
+        timer.before(m, epoch)
+        sums.update({part: torch.zeros((), dtype=torch.float64, device=device) for part in ("class", "loc")})
+
+    def step(m: nn.Module, batch: dict, opt: torch.optim.Optimizer) -> torch.Tensor:
+        total, parts = guidance_step_loss(m, batch["image"], batch["label"], batch["class_masks"], batch["annotated"],
+                                          loss=loss, layer=layer, method=method, lam=lam, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sums["class"] += parts["class"].to(torch.float64) * len(batch["label"])
+        sums["loc"] += parts["loc"].to(torch.float64)
+        return total
+
+    def validate(m: nn.Module) -> dict:
+        timer.lap()
+        scores = evaluate(m, valid, layer, method, eval_batch_size, device)
+        threshold, iou_tuned = tuned_iou(scores["iou_curve"])
+        return {"f1": scores["f1"], "epg": scores["epg"], "iou05": scores["iou05"], "iou": iou_tuned, "threshold": threshold}
+
+    def after_epoch(m: nn.Module, record: dict) -> None:
+        epoch, scores = record["epoch"], {k: v for k, v in record.items() if k.startswith("valid_")}
+        record.clear()
+        record.update({"epoch": epoch + 1, "train_class": sums["class"].item() / len(train),
+                       "train_loc": sums["loc"].item(), **timer.lap(), **scores})
         if valid is not None:
-            scores = evaluate(model, valid, layer, method, eval_batch_size, device)
-            threshold, iou_tuned = tuned_iou(scores["iou_curve"])
-            row.update({"valid_f1": scores["f1"], "valid_epg": scores["epg"], "valid_iou05": scores["iou05"],
-                        "valid_iou": iou_tuned, "threshold": threshold})
-            point = [row["valid_f1"], row["valid_epg"], row["valid_iou"]]
+            record["threshold"] = record.pop("valid_threshold")
+            point = [record["valid_f1"], record["valid_epg"], record["valid_iou"]]
             if on_front is not None and pareto_mask(front_points + [point])[-1]:
-                candidates[epoch] = copy.deepcopy(model.state_dict())
+                candidates[epoch] = copy.deepcopy(m.state_dict())
             front_points.append(point)
-        history.append(row)
+
+    result = engine.fit(model, _loader(train, batch_size, generator, device), epochs=epochs, lr=lr, step=step,
+                        validate=validate if valid is not None else None, before_epoch=before_epoch,
+                        after_epoch=after_epoch, device=device, progress=False)
+    history = result.history
     final_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if candidates:
         on_final_front = pareto_mask(front_points)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from study import cache, config
+from study import cache, config, train as engine
 from study.attribution import gaussian_blur
 from study.models import init_conv_bn
 
@@ -591,7 +591,8 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     (PyTorch cannot back-propagate through parameters that were changed in place). FIX: the
     classifier stays in eval mode with frozen parameters, but gradients flow through it to the
     mask. The input classifier is never modified (CA trains a deep copy). Batches cycle through
-    seeded permutations of the data; all randomness comes from `seed`.
+    seeded permutations of the data (`_cycling_batches`: one pass of `train.fit` with this step); all
+    randomness comes from `seed`.
     """
     images = _check_tensor(images, "images", 4)
     labels = _check_tensor(labels, "labels", 1)
@@ -606,7 +607,6 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         masker = Masker(classifier.channels, spec.layers, spec.hidden, spec.grid, images.shape[-1]).to(device)
-    masker.train()
     opt_m = torch.optim.Adam(masker.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.fixed:
         classifier.eval()
@@ -619,13 +619,10 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     zoo = HistoricZoo(ZOO_SIZE, spec.save_freq) if spec.historic_mode == "casme_confuser" and not spec.fixed else None
     classifier_params = [p for p in classifier.parameters()]
     masker_params = list(masker.parameters())
-    history, order, cursor = [], torch.randperm(len(labels), generator=torch_gen), 0
-    for step in range(spec.steps):
-        if cursor + spec.batch_size > len(order):
-            order, cursor = torch.cat([order[cursor:], torch.randperm(len(labels), generator=torch_gen)]), 0
-        index = order[cursor: cursor + spec.batch_size]
-        cursor += spec.batch_size
-        x, y = images[index].to(device), labels[index].to(device)
+    history = []
+
+    def step(masker: Masker, batch: dict, opt_m: torch.optim.Optimizer) -> torch.Tensor:
+        x, y, index = batch["image"], batch["label"], len(history)
         # 1. clean pass (and the CA clean step)
         if spec.fixed:
             with torch.no_grad():
@@ -636,7 +633,7 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
             F.cross_entropy(clean_logits, y).backward()
             opt_c.step()
             if zoo is not None:
-                zoo.maybe_add(step, classifier)
+                zoo.maybe_add(index, classifier)
             clean_logits = clean_logits.detach()
         # 2. masks from the detached features
         masks = _masks_from_logits(masker, masker.logits(features), spec, torch_gen, training=True)
@@ -657,7 +654,7 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
                                  lambda_tv=spec.lambda_tv)
         masker_grads = torch.autograd.grad(terms.total, masker_params, retain_graph=update_classifier, allow_unused=True)
         # 5. classifier step on the masked images
-        record = {"step": step, **terms.parts, "clean_accuracy": float((clean_logits.argmax(1) == y).float().mean()),
+        record = {"step": index, **terms.parts, "clean_accuracy": float((clean_logits.argmax(1) == y).float().mean()),
                   "historic": float(historic)}
         if update_classifier:
             masked_loss = F.cross_entropy(logits_in, y) + F.cross_entropy(logits_out, y)
@@ -676,10 +673,27 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
         for schedule in schedules:
             schedule.step()
         history.append(record)
-    masker.eval()
+        return terms.total.detach()
+
+    batches = _cycling_batches(images, labels, spec.batch_size, spec.steps, torch_gen)
+    engine.fit(masker, batches, epochs=1, optimizer=opt_m, step=step, device=device, progress=False)
     classifier.eval()
     classifier.requires_grad_(True)
     return MaskerRun(masker, classifier, spec, history)
+
+
+def _cycling_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int,
+                     generator: torch.Generator):
+    """`steps` batches {"image", "label"}: consecutive slices of permutations drawn from
+    `generator` when needed; the items left over when fewer than a batch remain open the next
+    permutation (E4's data order, one pass of `train.fit`)."""
+    order, cursor = torch.randperm(len(labels), generator=generator), 0
+    for _ in range(steps):
+        if cursor + batch_size > len(order):
+            order, cursor = torch.cat([order[cursor:], torch.randperm(len(labels), generator=generator)]), 0
+        index = order[cursor: cursor + batch_size]
+        cursor += batch_size
+        yield {"image": images[index], "label": labels[index]}
 
 
 def cached_train_masker(name: str, params: dict, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,

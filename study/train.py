@@ -1,4 +1,5 @@
-"""One training loop with an extra-loss hook, best-checkpoint selection and a disk cache."""
+"""The training engine: `fit` (one run, with loss and step hooks, per-epoch evaluation and best-epoch
+selection), `fit_many` (R runs of one architecture at once) and the model cache (`cached_fit`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from tqdm.auto import tqdm
 from study import cache, config
 
 ExtraLoss = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
+# step(model, batch, optimiser) -> the batch's mean loss (0-d tensor) when it made an update, else None
+StepHook = Callable[[nn.Module, dict, torch.optim.Optimizer], "torch.Tensor | None"]
 # criterion -> True when higher is better
-SELECTION_CRITERIA = {"valid_loss": False, "valid_accuracy": True, "valid_auc": True}
+SELECTION_CRITERIA = {"valid_loss": False, "valid_accuracy": True, "valid_auc": True, "valid_f1": True}
 
 
 @dataclass
@@ -80,59 +83,83 @@ def fit(
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    optimizer: str = "adam",
+    optimizer: str | torch.optim.Optimizer = "adam",
     extra_loss: ExtraLoss | None = None,
+    step: StepHook | None = None,
     valid_loader=None,
+    validate: Callable[[nn.Module], dict] | None = None,
     select: str | None = None,
     burn_in: int = 0,
+    before_epoch: Callable[[nn.Module, int], None] | None = None,
+    after_epoch: Callable[[nn.Module, dict], None] | None = None,
     device: str | torch.device = "auto",
     progress: bool | None = None,
 ) -> FitResult:
-    """Train `model` with cross-entropy (+ `extra_loss(model, batch, logits)` when given).
+    """The training engine of every study: train `model` on the batches (dicts with 'image' and
+    'label') of `train_loader`, one optimiser (Adam or SGD over all parameters with `lr` and
+    `weight_decay`, or a given torch.optim.Optimizer), per-epoch evaluation, best-epoch selection
+    and a history of one record per epoch.
 
-    An `extra_loss` object with a `before_forward(model, batch)` method has it called on every
-    training batch before the model's forward pass.
+    Per batch, by default: cross-entropy (+ `extra_loss(model, batch, logits)`), one optimiser
+    step. An `extra_loss` object with a `before_forward(model, batch)` method has it called on
+    every training batch before the forward pass. A `step(model, batch, optimiser)` replaces the
+    whole default step (an adversarial discriminator, a double-backprop guidance loss): it makes
+    its own updates and returns the batch's mean loss (a 0-d tensor) or None when it made none.
+    Records: {"epoch", "train_loss"} (mean over the items of the batches that returned a loss;
+    accumulated on the device and read once per epoch, so the hot path has no host sync), then
+    the validation metrics as "valid_<name>": of `evaluate(model, valid_loader)`, or of
+    `validate(model)` (any dict of numbers). `before_epoch(model, epoch)` runs after
+    `model.train()` at the start of every epoch; `after_epoch(model, record)` after the
+    evaluation (it may add to the record, or keep the weights of this epoch).
 
-    With a `valid_loader`, every epoch is evaluated; with `select` the weights of the best epoch
-    after `burn_in` epochs (by lowest valid loss or highest valid accuracy/AUC) are restored.
+    With `select` the weights of the best epoch after `burn_in` epochs (by the criterion's
+    direction in SELECTION_CRITERIA; the first of equal values) are restored at the end.
     Seed with `config.seed_everything` before building the model and the loader for identical runs.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
     if select is not None and select not in SELECTION_CRITERIA:
         raise ValueError(f"unknown selection criterion {select!r}; choose one of {sorted(SELECTION_CRITERIA)} or None")
-    if select is not None and valid_loader is None:
-        raise ValueError("select needs a valid_loader")
+    if valid_loader is not None and validate is not None:
+        raise ValueError("give a valid_loader or a validate function, not both")
+    if select is not None and valid_loader is None and validate is None:
+        raise ValueError("select needs a valid_loader or a validate function")
+    if step is not None and extra_loss is not None:
+        raise ValueError("a custom step computes its own loss: give step or extra_loss, not both")
     if not 0 <= burn_in < epochs:
         raise ValueError(f"burn_in must be in [0, epochs), got {burn_in} with epochs={epochs}")
     device = config.get_device(device)
     model.to(device)
     optimisers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if optimizer not in optimisers:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimisers)}")
-    opt = optimisers[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    elif optimizer in optimisers:
+        opt = optimisers[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimisers)} or pass a torch.optim.Optimizer")
+    step = step or _default_step(extra_loss)
     show = progress_enabled() if progress is None else progress
     result = FitResult(model=model)
     best_value, best_state = None, None
     for epoch in tqdm(range(epochs), desc="epochs", disable=not show, leave=False):
         model.train()
-        total, count = 0.0, 0
+        if before_epoch is not None:
+            before_epoch(model, epoch)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
         for batch in train_loader:
             batch = _to_device(batch, device)
-            if hasattr(extra_loss, "before_forward"):  # e.g. ActDiff's x̃ pass, which the authors run first
-                extra_loss.before_forward(model, batch)
-            logits = model(batch["image"])
-            loss = classification_loss(logits, batch["label"])
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, batch, logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(batch["label"])
-            count += len(batch["label"])
-        record = {"epoch": epoch, "train_loss": total / count}
+            loss = step(model, batch, opt)
+            if loss is not None:
+                total += loss.detach().to(torch.float64) * len(batch["label"])
+                count += len(batch["label"])
+        record = {"epoch": epoch, "train_loss": total.item() / count if count else math.nan}
         if valid_loader is not None:
             record.update({f"valid_{k}": v for k, v in evaluate(model, valid_loader, device).items()})
+        elif validate is not None:
+            record.update({f"valid_{k}": v for k, v in validate(model).items()})
+        if after_epoch is not None:
+            after_epoch(model, record)
         result.history.append(record)
         if select is not None and epoch >= burn_in:
             value = record[select] if SELECTION_CRITERIA[select] else -record[select]
@@ -143,6 +170,24 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _default_step(extra_loss: ExtraLoss | None) -> StepHook:
+    """Cross-entropy (+ extra loss), backward, one optimiser step."""
+
+    def step(model: nn.Module, batch: dict, opt: torch.optim.Optimizer) -> torch.Tensor:
+        if hasattr(extra_loss, "before_forward"):  # e.g. ActDiff's x̃ pass, which the authors run first
+            extra_loss.before_forward(model, batch)
+        logits = model(batch["image"])
+        loss = classification_loss(logits, batch["label"])
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, batch, logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
 
 
 def cached_fit(
@@ -232,22 +277,36 @@ class TensorLoader:
     one epoch of batches (dicts of the same keys). With `shuffle` the order is drawn by
     `loader_epoch_order` from a generator seeded with `seed` — the order `fit_many` gives the run
     with that seed and a DataLoader with that generator gives — so `fit(model, TensorLoader(...))`
-    is the per-run reference of `fit_many`. Batches are index selections: no per-item Python."""
+    is the per-run reference of `fit_many`. With a `generator` instead of a seed, each epoch's
+    order is `torch.randperm(n, generator=generator)`, drawn when the epoch starts: a step that
+    draws from the same generator (guidance's loss classes) sees the stream a hand-written loop
+    over `randperm` batches would. Batches are index selections: no per-item Python; keep the
+    tensors on the training device and no batch is copied between devices."""
 
-    def __init__(self, data: dict, batch_size: int, seed: int | None = 0, shuffle: bool = True):
+    def __init__(self, data: dict, batch_size: int, seed: int | None = 0, shuffle: bool = True,
+                 generator: torch.Generator | None = None):
         self.data, self.n = _check_data(data, "data")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if shuffle and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if shuffle and generator is None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be a non-negative int when shuffling, got {seed!r}")
-        self.batch_size, self.shuffle = batch_size, bool(shuffle)
-        self.generator = torch.Generator().manual_seed(seed) if shuffle else None
+        self.batch_size, self.shuffle, self.shared = batch_size, bool(shuffle), generator is not None
+        self.generator = generator if generator is not None else (torch.Generator().manual_seed(seed) if shuffle else None)
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        if self.shared:
+            return torch.randperm(self.n, generator=self.generator)
+        return loader_epoch_order(self.generator, self.n)
+
     def __iter__(self):
-        order = loader_epoch_order(self.generator, self.n) if self.shuffle else torch.arange(self.n)
+        order = self._order()
         for start in range(0, self.n, self.batch_size):
             index = order[start:start + self.batch_size]
             yield {key: value[index.to(value.device)] for key, value in self.data.items()}

@@ -412,6 +412,47 @@ def test_finetune_evaluates_test_exactly_on_the_final_validation_front():
         G.guided_finetune(model, data, data, loss="energy", layer="input", lam=-1.0, epochs=1)
 
 
+@pytest.mark.parametrize("family", ["vanilla", "bcos"])
+def test_guided_finetune_through_the_engine_is_the_plain_loop(family):
+    """Stage 2 runs on `train.fit`: same weights and losses as a hand-written loop over seeded
+    `randperm` batches that shares its generator with the loss-class draws."""
+    images, labels, masks = _batch()
+    annotated = torch.tensor([True, False, True, True, False, True])
+    data = G.GuidanceData(images, labels, masks, annotated=annotated)
+    torch.manual_seed(5)
+    base = G.build_model(family, 3, (4, 4, 4, 4))
+    reference = G.build_model(family, 3, (4, 4, 4, 4))
+    reference.load_state_dict(base.state_dict())
+    generator, opt, class_sums = torch.Generator().manual_seed(7), torch.optim.Adam(reference.parameters(), lr=1e-2), []
+    for _ in range(2):
+        G.freeze_batchnorm(reference)
+        class_sums.append(0.0)
+        for rows in G._batches(len(data), 4, generator):
+            total, parts = G.guidance_step_loss(reference, images[rows], labels[rows], masks[rows], annotated[rows],
+                                                loss="energy", layer="input", method=None, lam=1.0, generator=generator)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            class_sums[-1] += float(parts["class"]) * len(rows)
+    result = G.guided_finetune(base, data, None, loss="energy", layer="input", lam=1.0, epochs=2, lr=1e-2,
+                               batch_size=4, seed=7)
+    for (name, a), b in zip(reference.state_dict().items(), result["state"].values()):
+        assert torch.equal(a, b), name
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert [h["train_class"] for h in result["history"]] == [s / 6 for s in class_sums]
+
+
+def test_train_baseline_keeps_the_validation_f1_best_epoch():
+    images, labels, masks = _batch()
+    data = G.GuidanceData(images, labels, masks)
+    torch.manual_seed(6)
+    model, history = G.train_baseline(G.build_model("vanilla", 3, (4, 4, 4, 4)), data, data, epochs=4, lr=5e-2,
+                                      batch_size=4, seed=1)
+    f1s = [h["valid_f1"] for h in history]
+    assert G.micro_f1(G.predict_logits(model, images), labels) == pytest.approx(max(f1s))
+    assert {"epoch", "train_loss", "valid_f1", "seconds", "cpu_seconds"} == set(history[0])
+
+
 # ----------------------------------------------------------------------------- devices (issue 13)
 
 

@@ -78,6 +78,9 @@ def test_cache_hit_skips_training(tmp_path):
     ({"epochs": 2, "select": "valid_loss"}, "needs a valid_loader"),
     ({"epochs": 2, "burn_in": 2}, "burn_in"),
     ({"epochs": 1, "optimizer": "lbfgs"}, "unknown optimizer"),
+    ({"epochs": 1, "step": lambda m, b, o: None, "extra_loss": lambda m, b, l: 0.0}, "step or extra_loss"),
+    ({"epochs": 1, "valid_loader": _batches(1), "validate": lambda m: {}}, "not both"),
+    ({"epochs": 1, "select": "valid_f1"}, "needs a valid_loader or a validate"),
 ])
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -98,3 +101,72 @@ def test_progress_bars_follow_study_progress_and_show_in_a_notebook_kernel(monke
     assert progress_enabled()  # JupyterLab: bars
     monkeypatch.delitem(sys.modules, "ipykernel")
     assert not progress_enabled()  # a log file: none
+
+
+# ----------------------------------------------------------------------------- the engine's hooks
+
+def _plain_loop(model, batches, epochs, lr=1e-3):
+    """The reference: a hand-written PyTorch loop (Adam, cross-entropy, one step per batch)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        model.train()
+        for batch in batches:
+            loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_default_step_is_the_plain_pytorch_loop_bit_for_bit():
+    reference = _plain_loop(_model(), _batches(), epochs=2)
+    fitted = train.fit(_model(), _batches(), epochs=2, device="cpu").model
+    for (name, a), b in zip(reference.state_dict().items(), fitted.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_custom_step_hooks_and_validate_drive_history_and_selection():
+    calls, skipped = [], []
+
+    def step(model, batch, opt):  # updates on every other batch only, and says so by returning None
+        skipped.append(len(skipped) % 2 == 1)
+        if skipped[-1]:
+            return None
+        loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return torch.tensor(float(len(skipped)))  # a known "loss": the batch's index + 1
+
+    scores = iter([0.2, 0.9, 0.5, 0.9])
+    result = train.fit(_model(), _batches(n=64), epochs=4, step=step, validate=lambda m: {"f1": next(scores)},
+                       select="valid_f1", burn_in=0, before_epoch=lambda m, e: calls.append(("before", e, m.training)),
+                       after_epoch=lambda m, r: (calls.append(("after", r["epoch"])), r.update(extra=1.0)), device="cpu")
+    # 4 batches of 16 per epoch; epoch 0 returns losses 1 and 3 (batches 2 and 4 made no update)
+    assert result.history[0]["train_loss"] == pytest.approx(2.0) and result.history[1]["train_loss"] == pytest.approx(6.0)
+    assert [h["valid_f1"] for h in result.history] == [0.2, 0.9, 0.5, 0.9] and result.history[0]["extra"] == 1.0
+    assert result.best_epoch == 1  # the first of the two best epochs
+    assert calls[:2] == [("before", 0, True), ("after", 0)] and len(calls) == 8
+
+
+def test_a_step_that_never_updates_records_nan_and_a_given_optimiser_is_used():
+    result = train.fit(_model(), _batches(), epochs=1, step=lambda m, b, o: None, device="cpu")
+    assert result.history[0]["train_loss"] != result.history[0]["train_loss"]  # NaN
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights cannot move
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.fit(model, _batches(), epochs=1, optimizer=opt, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tensor_loader_with_a_shared_generator_draws_plain_permutations_per_epoch():
+    data = {"image": torch.rand(10, 1, 2, 2), "label": torch.arange(10)}
+    generator = torch.Generator().manual_seed(5)
+    loader = train.TensorLoader(data, 4, generator=generator)
+    epochs = [torch.cat([b["label"] for b in loader]) for _ in range(2)]
+    reference = torch.Generator().manual_seed(5)
+    assert [len(b["label"]) for b in loader] == [4, 4, 2]
+    assert torch.equal(epochs[0], torch.randperm(10, generator=reference))
+    assert torch.equal(epochs[1], torch.randperm(10, generator=reference))
+    with pytest.raises(ValueError, match="generator"):
+        train.TensorLoader(data, 4, generator=5)

@@ -17,7 +17,6 @@ mask track that improvement? Steps:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -296,7 +295,7 @@ def make_loader(arrays: dict, shuffle: bool, seed: int, transform=None, input_gr
 
 def adversarial_step(model: SmallResNet18, optimizer: torch.optim.Optimizer, schedule: losses.AdversarialSchedule,
                      images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                     generator: torch.Generator) -> float | None:
+                     generator: torch.Generator) -> torch.Tensor | None:
     """One batch of the adversarial method (Q2 gating, `losses.AdversarialSchedule`).
 
     x̃ = outside_shuffle(x); f(x̃) then f(x) in train mode (BatchNorm statistics update on every
@@ -315,43 +314,29 @@ def adversarial_step(model: SmallResNet18, optimizer: torch.optim.Optimizer, sch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def fit_adversarial(model: SmallResNet18, train_loader, *, epochs: int, lr: float, hyper: Hyper, valid_loader,
                     burn_in: int, seed: int, disc_hidden: int = 1024, device="auto") -> train.FitResult:
-    """The adversarial method's loop (`adversarial_step` per batch), with `train.fit`'s selection:
-    the lowest valid CE after `burn_in` epochs. History rows count the encoder steps."""
-    if not 0 <= burn_in < epochs:
-        raise ValueError(f"burn_in must be in [0, epochs), got {burn_in} with epochs={epochs}")
+    """The adversarial method: `train.fit` with `adversarial_step` as its step and `fit`'s
+    selection (the lowest valid CE after `burn_in` epochs). History rows count the encoder steps
+    (`encoder_steps`); their train_loss is the mean CE + L_G over the batches of those steps."""
     device = config.get_device(device)
-    model.to(device)
     generator = torch.Generator().manual_seed(seed)
     disc = losses.FeatureDiscriminator(model.feature_dim, hidden=disc_hidden).to(device)
     schedule = losses.AdversarialSchedule(disc, torch.optim.Adam(disc.parameters(), lr=hyper.disc_lr),
                                           lam=hyper.lam, disc_iter=hyper.disc_iter)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    result = train.FitResult(model=model)
-    best_loss, best_state = math.inf, None
-    for epoch in range(epochs):
-        model.train()
-        step_losses = []
-        for batch in train_loader:
-            loss = adversarial_step(model, optimizer, schedule, batch["image"].to(device), batch["mask"].to(device),
-                                    batch["label"].to(device), generator)
-            if loss is not None:
-                step_losses.append(loss)
-        record = {"epoch": epoch, "train_loss": float(np.mean(step_losses)) if step_losses else math.nan,
-                  "encoder_steps": len(step_losses)}
-        record.update({f"valid_{k}": v for k, v in train.evaluate(model, valid_loader, device).items()})
-        result.history.append(record)
-        if epoch >= burn_in and record["valid_loss"] < best_loss:
-            best_loss, result.best_epoch = record["valid_loss"], epoch
-            best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return result
+    encoder_steps = []
+
+    def step(m: SmallResNet18, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        loss = adversarial_step(m, optimizer, schedule, batch["image"], batch["mask"], batch["label"], generator)
+        encoder_steps[-1] += loss is not None
+        return loss
+
+    return train.fit(model, train_loader, epochs=epochs, lr=lr, step=step, valid_loader=valid_loader,
+                     select="valid_loss", burn_in=burn_in, before_epoch=lambda m, epoch: encoder_steps.append(0),
+                     after_epoch=lambda m, record: record.update(encoder_steps=encoder_steps[-1]), device=device)
 
 
 def cache_params(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
@@ -383,10 +368,11 @@ _INPUT_GRADIENT_LOSS = {"gradmask": "gradmask", "rrr": "rrr", "rrr_trainable": "
 _COST_ORDER = ("gradmask", "rrr", "rrr_trainable", "actdiff", "shuffle", "adversarial", "maskall", "masked", "baseline")
 
 
-def _tensors(arrays: dict) -> dict:
-    """The tensors a loader over `arrays` yields (image, label, mask), for `train.fit_many`."""
+def _tensors(arrays: dict, device="cpu") -> dict:
+    """The tensors a loader over `arrays` yields (image, label, mask), on `device`, for
+    `train.fit_many` and `train.TensorLoader`."""
     dataset = data.ArrayDataset(arrays)
-    return {"image": dataset.images, "label": dataset.labels, "mask": dataset.masks}
+    return {"image": dataset.images.to(device), "label": dataset.labels.to(device), "mask": dataset.masks.to(device)}
 
 
 def train_seeds_together(method: str, seeds: list[int], s: dict, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
@@ -479,7 +465,8 @@ def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str
     hyper = HYPERPARAMETERS[dataset][method]
     arrays = method_arrays(method, splits, hyper, skip_empty_masks)
     in_channels = int(arrays["train"]["images"].shape[1])
-    valid_loader = make_loader(arrays["valid"], shuffle=False, seed=run_seed, batch_size=256)
+    device = config.get_device(device)
+    valid_loader = train.TensorLoader(_tensors(arrays["valid"], device), 256, shuffle=False)
     test_loader = make_loader(arrays["test"], shuffle=False, seed=run_seed, batch_size=256)
 
     def build():
@@ -497,7 +484,10 @@ def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str
         config.seed_everything(run_seed)
         transform = _ShuffleOutside(run_seed) if method == "shuffle" else None
         input_grad = method in ("gradmask", "rrr", "rrr_trainable")
-        loader = make_loader(arrays["train"], shuffle=True, seed=run_seed, transform=transform, input_grad=input_grad)
+        if transform is None and not input_grad:  # index batches of tensors on the device, in the DataLoader's order
+            loader = train.TensorLoader(_tensors(arrays["train"], device), BATCH_SIZE, seed=run_seed)
+        else:
+            loader = make_loader(arrays["train"], shuffle=True, seed=run_seed, transform=transform, input_grad=input_grad)
         common = {"epochs": s["epochs"], "valid_loader": valid_loader, "burn_in": s["burn_in"], "device": device}
         if method == "adversarial":
             return fit_adversarial(model, loader, lr=hyper.lr, hyper=hyper, seed=run_seed,
