@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="comma-separated seed sets (the notebook's seed parameter), default %(default)s")
     robust_cmd.add_argument("--profile", default="quick")
     robust_cmd.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the kernels (check machine dependence)")
+    robust_cmd.add_argument("--cpu-isa", choices=sorted(robustness.CPU_ISA_ENV),
+                            help="cap torch's and oneDNN's CPU instruction set: another machine's arithmetic "
+                                 "(retrains everything in a cache of its own)")
     robust_cmd.add_argument("--executor", choices=["dask", "local"], default="local")
     robust_cmd.add_argument("--scheduler", help="address of a running Dask scheduler")
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
             table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
-                                                    args.workers, args.threads, args.output_dir)
+                                                    args.workers, args.threads, args.output_dir, args.cpu_isa)
             with pd.option_context("display.max_colwidth", 70, "display.width", 250):
                 print(table.to_string())
             print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))

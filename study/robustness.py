@@ -7,6 +7,7 @@ spaced 1000 apart so that no two reruns share a seed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,25 @@ import pandas as pd
 from study import config, runner, sweep
 
 DEFAULT_SEEDS = (0, 1000, 2000, 3000, 4000)
+# Cap the instruction set of torch's own kernels (ATen) and of oneDNN's convolutions: other vector
+# widths sum in another order, as another machine's CPU does (checked: weights differ at 1e-8–1e-7).
+CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+               "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
+
+
+@contextlib.contextmanager
+def _environment(updates: dict[str, str]):
+    """Set environment variables (inherited by the kernels a sweep starts), restore them after."""
+    previous = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def verdict_agreement(findings: pd.DataFrame, committed: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -53,28 +73,31 @@ def robustness(
     workers: int = 1,
     threads: int | None = None,
     runs_dir: Path | None = None,
+    cpu_isa: str | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Run `notebook` at `profile` once per seed set (through the sweep's one parallel map) and tabulate
-    the verdicts. `threads` sets OMP_NUM_THREADS for the kernels (another summation order: the check
-    that verdicts do not depend on the machine). Finished seed sets are skipped on a rerun."""
+    the verdicts. Finished seed sets are skipped on a rerun.
+
+    The stand-ins for another machine: `threads` sets OMP_NUM_THREADS for the kernels (another
+    summation order where torch's default thread count is used) and `cpu_isa` ("avx2", "sse41")
+    caps the CPU instruction set of torch's and oneDNN's kernels (`CPU_ISA_ENV`). With either, the
+    reruns use their own cache folder inside the sweep's folder, so that nothing trained under the
+    default settings is reused: every model is retrained under the changed arithmetic."""
     if not seeds:
         raise runner.UsageError("robustness needs at least one seed")
     if threads is not None and threads < 1:
         raise runner.UsageError(f"threads must be a positive integer, got {threads}")
+    if cpu_isa is not None and cpu_isa not in CPU_ISA_ENV:
+        raise runner.UsageError(f"unknown cpu_isa {cpu_isa!r}; choose one of {sorted(CPU_ISA_ENV)}")
     path = runner.find_notebook(notebook)
-    name = f"robustness-{path.stem}-{profile}" + (f"-threads{threads}" if threads else "")
-    previous = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
+    name = (f"robustness-{path.stem}-{profile}" + (f"-threads{threads}" if threads else "")
+            + (f"-{cpu_isa}" if cpu_isa else ""))
+    updates = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **CPU_ISA_ENV.get(cpu_isa, {})}
+    if updates:
+        updates["STUDY_CACHE_DIR"] = str((Path(runs_dir or config.RUNS_DIR) / name / "cache").resolve())
+    with _environment(updates):
         outcomes, tables = sweep.sweep(str(path), {"profile": [profile], "seed": list(seeds)}, name, executor,
                                        scheduler, workers, runs_dir)
-    finally:
-        if threads:
-            if previous is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = previous
     if "findings" not in tables:
         raise runner.NotebookFailed(f"no seed set of {path.name} produced findings.csv: "
                                     + "; ".join(o["error"] or o["status"] for o in outcomes))

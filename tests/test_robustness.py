@@ -1,4 +1,5 @@
 """The robustness report: verdict agreement across seed sets, and the CLI end to end at smoke."""
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,21 @@ def test_robustness_cli_rejects_bad_seeds():
     done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--seeds", "a,b"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "--seeds takes comma-separated integers" in done.stderr
+
+
+def test_cpu_isa_rerun_retrains_in_its_own_cache_and_restores_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke",
+                           "--seeds", "0", "--cpu-isa", "avx2", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "robustness-00_tour-smoke-avx2"
+    assert (folder / "findings.csv").is_file()
+    assert any((folder / "cache" / "models").glob("*.pt"))  # the model was trained here, not loaded
+    from study import robustness
+    with robustness._environment(robustness.CPU_ISA_ENV["avx2"]):
+        assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert "ATEN_CPU_CAPABILITY" not in os.environ
+    refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--cpu-isa", "mmx"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--cpu-isa" in refused.stderr
