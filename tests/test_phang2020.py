@@ -417,6 +417,41 @@ def test_few_shot_rules_compare_paired_images_with_the_right_reference():
         P.findings(None, seeds(S3=around(20)), few_shot_images={**same, ("S3", "1 epoch"): per_image(epoch[:10])})
 
 
+def test_few_shot_k10_rule_uses_the_spread_over_masker_seeds():
+    n, zeros = 200, np.zeros(200)
+
+    def gap(points):  # a k = 10 evaluation that loses `points` LE points against an all-zero reference
+        le = np.zeros(n)
+        le[:int(points * n / 100)] = 1.0
+        return per_image(le)
+
+    def images(gaps):
+        found = {("S3", "k=10"): gap(gaps[0]), ("S3", "1 epoch"): per_image(zeros)}
+        for r, g in enumerate(gaps[1:], start=1):
+            found.update({("S3", "k=10", r): gap(g), ("S3", "1 epoch", r): per_image(zeros)})
+        return found
+
+    def k10_row(gaps):
+        return next(r for r in P.findings(None, seeds(S3=around(20)), few_shot_images=images(gaps)) if r["claim"] == K10)
+
+    # gaps 1, 2, 3: mean 2, t interval 2 ± 4.303 · 1/√3 = [−0.48, 4.48], below 5 → reproduced
+    row = k10_row([1, 2, 3])
+    assert row["verdict"] == "reproduced" and "3 masker seeds" in row["n"] and "[-0.5, 4.5]" in row["uncertainty"]
+    assert k10_row([2, 3, 4])["verdict"] == "inconclusive"       # [0.52, 5.48] straddles 5
+    assert k10_row([9, 10, 11])["verdict"] == "not reproduced"   # wholly above 5
+    # one seed alone looks decided (gap 2 over 200 paired images) where its seeds disagree
+    assert k10_row([2])["verdict"] == "reproduced" and k10_row([2, 12])["verdict"] == "inconclusive"
+
+
+def test_claim_pair_gets_extra_masker_seeds_in_the_jobs():
+    s = P.experiment_settings("quick")
+    d = {"y_train": torch.arange(400) % 10, "num_classes": 10}
+    extra = [job for job in P.masker_jobs(s, d) if job[2] in ("k", "epoch") and job[1] > 0]
+    assert sorted(extra) == sorted([("S3", r, "k", 10) for r in range(1, 5)] + [("S3", r, "epoch", None) for r in range(1, 5)])
+    with pytest.raises(ValueError, match="few_shot_seeds"):
+        P.experiment_settings("quick", few_shot_seeds=0)
+
+
 def test_sanity_rules_leak_randomisation_and_random_label():
     def leak(rate, n=500):
         return pd.DataFrame({"mode": ["ca"], "follows_mask_source": [rate], "n_pairs": [n], "chance": [0.1]})

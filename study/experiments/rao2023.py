@@ -826,7 +826,8 @@ def _n_seeds(frame: pd.DataFrame) -> int:
 
 def _units(frame: pd.DataFrame) -> str:
     """The unit of a per-panel interval: panels, or (panel, seed) pairs when there are several seeds."""
-    return "panels" if _n_seeds(frame) == 1 else f"panel × seed units ({_n_seeds(frame)} seeds)"
+    seeds = _n_seeds(frame)
+    return "panels" if seeds == 1 else f"panel × seed units ({seeds} seeds)"
 
 
 # ----------------------------------------------------------------------------- analysis: E3–E5
