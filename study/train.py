@@ -133,7 +133,7 @@ def fit(
     optimisers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     if isinstance(optimizer, torch.optim.Optimizer):
         opt = optimizer
-    elif optimizer in optimisers:
+    elif isinstance(optimizer, str) and optimizer in optimisers:
         opt = optimisers[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(optimisers)} or pass a torch.optim.Optimizer")
