@@ -24,7 +24,7 @@ RUNS_DIR = ROOT / "runs"
 PROFILES: dict[str, dict[str, dict]] = {
     "smoke": {
         "vandersmissen2024": {"n_train": 128, "n_test": 32, "epochs": 1, "n_images": 5, "steps": 4, "ig_steps": 8,
-                              "smoothgrad_samples": 2, "rise_masks": 32, "batch_size": 256},
+                              "smoothgrad_samples": 2, "rise_masks": 32, "batch_size": 256, "n_models": 2},
         "tour": {"n_train": 256, "n_test": 64, "image_size": 32, "epochs": 2, "width": 8, "n_explain": 4, "n_scored": 16},
         "phang2020": {"n_train": 160, "n_trainval": 48, "n_test": 48, "epochs": 2, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 16, "steps": 3, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
@@ -57,7 +57,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "quick": {
         "vandersmissen2024": {"n_train": 1500, "n_test": 300, "epochs": 8, "n_images": 24, "steps": 16, "ig_steps": 50,
-                              "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 256},
+                              "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 256, "n_models": 3},
         "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6, "n_scored": 100},
         "phang2020": {"n_train": 3000, "n_trainval": 500, "n_test": 500, "epochs": 8, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 32, "steps": 100, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
@@ -90,8 +90,8 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "signs": ["signed"], "full_grid": False, "alpha_ci": True, "batch_size": 512},
     },
     "paper": {
-        "vandersmissen2024": {"n_train": 3000, "n_test": 500, "epochs": 12, "n_images": 300, "steps": 100, "ig_steps": 50,
-                              "smoothgrad_samples": 10, "rise_masks": 1000, "batch_size": 512},
+        "vandersmissen2024": {"n_train": 3000, "n_test": 900, "epochs": 12, "n_images": 300, "steps": 100, "ig_steps": 50,
+                              "smoothgrad_samples": 10, "rise_masks": 1000, "batch_size": 512, "n_models": 3},
         "tour": {"n_train": 10000, "n_test": 2000, "image_size": 64, "epochs": 20, "width": 32, "n_explain": 8, "n_scored": 500},
         "phang2020": {"n_train": 12000, "n_trainval": 2000, "n_test": 2000, "epochs": 12, "widths": [16, 32, 64, 128],
                       "stem_stride": 1, "hidden": 32, "steps": 3000, "batch_size": 72, "lr": 1e-3, "classifier_lr": 1e-3,

@@ -668,3 +668,103 @@ def test_an_undefined_interval_is_explained_and_inconclusive():
     assert row["verdict"] == "inconclusive"
     assert "[nan" not in row["this_run"] and "0.19 [undefined: the statistic is NaN in some resamples" in row["this_run"]
     assert "undefined" in row["uncertainty"]
+
+
+# ----------------------------------------------------------------------------- verdicts over several trained models
+
+
+def _model_tables(min_tau_baseline, margin, alpha, dummy="random"):
+    """One model's verdict tables: one arch, one statistic, one dummy margin, one α."""
+    return {"intervals": pd.DataFrame([{"arch": "arch0", "statistic": "min_tau_baseline", "estimate": min_tau_baseline,
+                                        "low": -1.0, "high": 1.0, "n": 24, "unit": "images", "method": "basic"}]),
+            "dummy_margins": pd.DataFrame([{"arch": "arch0", "metric": "average_drop", "dummy": dummy,
+                                            "method": "smoothgrad", "estimate": margin, "low": 0.0, "high": 1.0,
+                                            "n": 24}]),
+            "reliability": pd.DataFrame([{"arch": "arch0", "metric": "average_drop", "n_images": 24, "n_maps": 7,
+                                          "alpha": alpha, "alpha_low": 0.0, "alpha_high": 1.0,
+                                          "alpha_authors_variant": alpha / 2}])}
+
+
+def test_over_models_takes_the_t_interval_over_models():
+    per_model = [_model_tables(0.1, 0.2, 0.5), _model_tables(0.3, 0.4, 0.9, dummy="sobel"),
+                 _model_tables(0.2, np.nan, 0.7)]
+    combined = V.over_models(per_model)
+    row = combined["intervals"].iloc[0]
+    expected = stats.ttest_1samp([0.1, 0.3, 0.2], 0).confidence_interval(0.95)
+    # by hand: mean 0.2, sd 0.1, t(0.975, 2) = 4.303 → 0.2 ± 4.303 · 0.1 / √3 = [−0.048, 0.448]
+    assert row["estimate"] == pytest.approx(0.2) and row["low"] == pytest.approx(-0.0484, abs=1e-3)
+    assert (row["low"], row["high"]) == pytest.approx((expected.low, expected.high))
+    assert row["n"] == 3 and row["unit"] == "models (24 images each)" and row["method"] == "t"
+    margin = combined["dummy_margins"].iloc[0]  # the undefined margin of model 2 is left out, not read as 0
+    assert margin["n"] == 2 and margin["estimate"] == pytest.approx(0.3)
+    assert (margin["low"], margin["high"]) == pytest.approx(
+        tuple(stats.ttest_1samp([0.2, 0.4], 0).confidence_interval(0.95)))
+    assert margin["dummy"] in ("random", "sobel") and margin["method"] == "smoothgrad"
+    alpha = combined["reliability"].iloc[0]
+    assert alpha["alpha"] == pytest.approx(0.7) and alpha["n_models"] == 3 and alpha["reading"] == "tentative"
+    assert alpha["alpha_authors_variant"] == pytest.approx(0.35)
+    assert len(combined["per_model"]) == 9 and set(combined["per_model"]["model"]) == {0, 1, 2}
+
+
+def test_over_models_with_one_defined_value_is_inconclusive_and_needs_two_models():
+    combined = V.over_models([_model_tables(0.1, np.nan, 0.5), _model_tables(0.2, np.nan, 0.5)])
+    margin = combined["dummy_margins"].iloc[0]
+    assert margin["n"] == 0 and np.isnan(margin["low"]) and np.isnan(margin["high"])
+    assert V._side(margin["low"], margin["high"], 0.05, True) == "inconclusive"
+    with pytest.raises(ValueError, match="at least 2 models"):
+        V.over_models([_model_tables(0.1, 0.2, 0.5)])
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([0.10, 0.20, 0.15], "reproduced"),       # every model swaps many pairs, and they agree
+    ([0.85, 0.90, 0.95], "not reproduced"),   # every model keeps the order
+    ([-0.40, 0.95, 0.10], "inconclusive"),    # the models disagree: one model alone could have said either
+])
+def test_baseline_verdict_over_models_follows_the_models(values, expected):
+    tables = V.over_models([_model_tables(v, 0.2, 0.5) for v in values])
+    assert _verdict_of(V._baseline, tables) == expected
+    row = V._baseline(tables)
+    assert "95% t CI over 3 models (24 images each)" in row["uncertainty"]
+
+
+def test_findings_over_models_say_so(tiny):
+    again = V.Evaluation(tiny["evaluation"].scores, tiny["evaluation"].curves, tiny["evaluation"].densities)
+    tables = V.analyse(tiny["evaluation"], replicates=[again])
+    assert set(tables["intervals_first_model"]["statistic"]) == set(tables["intervals"]["statistic"])
+    assert (tables["intervals"]["n"] == 2).all()
+    alpha = tables["reliability"]  # an α undefined for the (untrained) model is undefined for both copies
+    assert (alpha["n_models"] == np.where(alpha["alpha"].isna(), 0, 2)).all()
+    same = tables["intervals"].merge(tables["intervals_first_model"], on=["arch", "statistic"])
+    # two identical models: the mean is the model's estimate (NaN where undefined in both)
+    assert np.allclose(same["estimate_x"], same["estimate_y"], equal_nan=True)
+    rows = V.findings(tables)
+    assert len(rows) == 9 and all("t interval over the models" in r["this_run"] for r in rows
+                                  if r["verdict"] != "not tested")
+    assert "2 models × 4 images × 12 metrics" in rows[0]["n"]
+
+
+def test_evaluation_set_takes_a_block_of_test_images(tiny):
+    whole = V.evaluation_set(tiny["prepared"], 6)
+    block = V.evaluation_set(tiny["prepared"], 2, first_image=3)
+    assert len(whole["labels"]) == 6  # every image has its box: none dropped
+    assert torch.equal(block["images"], whole["images"][3:5]) and torch.equal(block["masks"], whole["masks"][3:5])
+    for bad in (-1, 6, 1.5, True):
+        with pytest.raises(ValueError, match="first_image"):
+            V.evaluation_set(tiny["prepared"], 2, first_image=bad)
+
+
+def test_score_replicates_trains_other_seeds_on_other_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    prepared = V.prepare_synthetic("smoke", 0, n_train=32, n_test=8, n_images=3, n_models=2, rise_masks=8)
+    replicates = V.score_replicates(prepared, 0, device="cpu", cache_dir=tmp_path)
+    assert len(replicates) == 1
+    scores = replicates[0].scores
+    assert set(scores["arch"]) == set(V.ARCHITECTURES) and scores["image"].nunique() == 3
+    first = V.score_everything(V.train_models(prepared, 0, "cpu"), prepared, 0, device="cpu", cache_dir=tmp_path)
+    assert not np.allclose(first.scores["score"].to_numpy(), scores["score"].to_numpy())
+    assert V.score_replicates({**prepared, "settings": {**prepared["settings"], "n_models": 1}}, 0) == []
+    assert V.score_replicates({**prepared, "train": None}, 0) == []  # a given model: nothing to retrain
+    with pytest.raises(ValueError, match="raise n_test"):
+        V.score_replicates({**prepared, "settings": {**prepared["settings"], "n_models": 3}}, 0)
+    with pytest.raises(ValueError, match="n_models"):
+        V.score_replicates({**prepared, "settings": {**prepared["settings"], "n_models": 0}}, 0)

@@ -135,24 +135,30 @@ def supports_lrp(model: torch.nn.Module) -> bool:
     return True
 
 
-def evaluation_set(prepared: dict, n_images: int) -> dict:
-    """The first `n_images` test images: pixel and standardised images, labels (= targets, card Q3),
+def evaluation_set(prepared: dict, n_images: int, first_image: int = 0) -> dict:
+    """`n_images` test images from index `first_image` on (the images of one trained model: model k
+    of `score_replicates` grades images k·n … (k+1)·n − 1): pixel and standardised images, labels (= targets, card Q3),
     boxes and the target-class box masks. An image without a target-class box is left out (the
     loaders already drop and count them in `prepared["dropped_no_target_box"]`; this guards other
     sources of data). Data without boxes (`prepared["localisation"]` False: an image folder without
     XML files) keep every image and have `masks` None: the localisation metrics are skipped."""
     test = prepared["test"]
-    n = min(int(n_images), len(test["labels"]))
-    images = torch.as_tensor(np.asarray(test["images"][:n]), dtype=torch.float32)
-    labels = torch.as_tensor(np.asarray(test["labels"][:n]), dtype=torch.long)
-    boxes = [np.asarray(b) for b in test["boxes"][:n]]
+    if isinstance(first_image, bool) or not isinstance(first_image, (int, np.integer)) or first_image < 0:
+        raise ValueError(f"first_image must be a non-negative integer, got {first_image!r}")
+    if first_image >= len(test["labels"]):
+        raise ValueError(f"first_image {first_image} is past the {len(test['labels'])} test images")
+    part = slice(int(first_image), int(first_image) + int(n_images))
+    images = torch.as_tensor(np.asarray(test["images"][part]), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(test["labels"][part]), dtype=torch.long)
+    boxes = [np.asarray(b) for b in test["boxes"][part]]
+    n = len(labels)
     if not prepared.get("localisation", True):
         return {"pixels": images, "images": data.standardise(images, prepared["mean"], prepared["std"]),
                 "labels": labels, "boxes": boxes, "masks": None, **_input_range(prepared, len(images))}
     masks = attribution.boxes_to_masks(boxes, images.shape[-2], images.shape[-1], labels.tolist()) > 0
     keep = masks.flatten(1).any(dim=1)  # no target-class box in the image: the pointing game is undefined
     if not bool(keep.any()):
-        raise ValueError(f"none of the first {n} test images has a target-class box")
+        raise ValueError(f"none of the {n} test images from index {first_image} on has a target-class box")
     if not bool(keep.all()):
         images, labels, masks = images[keep], labels[keep], masks[keep]
         boxes = [b for b, k in zip(boxes, keep.tolist()) if k]
@@ -599,22 +605,26 @@ def _cache_paths(key_params: dict, cache_dir) -> dict[str, Path]:
 
 
 def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "raster", rise_p: float = 0.1,
-                     device: str = "auto", cache: bool = True, cache_dir=None) -> Evaluation:
-    """Grade every map of the first n_images test images with every metric, for every model in
-    `runs` ({arch: {"model", "model_key"}}). Cached on disk, keyed by every parameter that
-    affects the numbers."""
+                     device: str = "auto", cache: bool = True, cache_dir=None, first_image: int = 0) -> Evaluation:
+    """Grade every map of n_images test images (from index `first_image` on) with every metric, for
+    every model in `runs` ({arch: {"model", "model_key"}}). Cached on disk, keyed by every parameter
+    that affects the numbers."""
     s = prepared["settings"]
     if tie_break not in ("raster", "random"):
         raise ValueError(f"tie_break must be 'raster' or 'random', got {tie_break!r}")
-    key = {"version": CACHE_VERSION, "settings": s, "seed": seed, "tie_break": tie_break, "rise_p": rise_p,
-           "dataset": prepared["dataset"], "models": {a: r["model_key"] for a, r in runs.items()}}
+    # n_models says how many models are graded, not how one is: it stays out of the key
+    key = {"version": CACHE_VERSION, "settings": {k: v for k, v in s.items() if k != "n_models"}, "seed": seed,
+           "tie_break": tie_break, "rise_p": rise_p, "dataset": prepared["dataset"],
+           "models": {a: r["model_key"] for a, r in runs.items()}}
+    if first_image:
+        key["first_image"] = int(first_image)
     if prepared.get("data_key"):  # data on disk (folder, ImageNet): the files, geometry and normalisation
         key["data"] = prepared["data_key"]
     paths = _cache_paths(key, cache_dir)
     if cache and all(p.is_file() for p in paths.values()):
         return Evaluation(*(pd.read_csv(paths[part]) for part in ("scores", "curves", "densities")), from_cache=True)
     device = config.get_device(device)
-    evaluation = evaluation_set(prepared, s["n_images"])
+    evaluation = evaluation_set(prepared, s["n_images"], first_image)
     parts = {"scores": [], "curves": [], "densities": []}
     for arch, run in runs.items():
         frame, curves, densities = grade_model(run["model"], evaluation, s, seed, tie_break, rise_p,
@@ -628,6 +638,31 @@ def score_everything(runs: dict, prepared: dict, seed: int, tie_break: str = "ra
             frame = getattr(result, part)
             disk_cache.atomic_write(paths[part], lambda tmp, frame=frame: frame.to_csv(tmp, index=False, compression="gzip"))
     return result
+
+
+def score_replicates(prepared: dict, seed: int, tie_break: str = "raster", rise_p: float = 0.1,
+                     device: str = "auto", cache: bool = True, cache_dir=None) -> list[Evaluation]:
+    """The other trained models behind the verdicts: for k = 1 … n_models − 1, both architectures
+    trained again with seed `seed + k` on the same training set and graded on their own test
+    images k·n_images … (k+1)·n_images − 1, so that the models' verdict statistics are independent
+    draws of (training run, images). Empty for a given model (ImageNet, your folder: nothing to
+    retrain) or n_models = 1."""
+    s = prepared["settings"]
+    n_models = s.get("n_models", 1)
+    if isinstance(n_models, bool) or not isinstance(n_models, (int, np.integer)) or n_models < 1:
+        raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
+    if prepared.get("train") is None or n_models == 1:
+        return []
+    needed = n_models * s["n_images"]
+    if needed > len(prepared["test"]["labels"]):
+        raise ValueError(f"n_models={n_models} models × n_images={s['n_images']} need {needed} test images; the "
+                         f"test split has {len(prepared['test']['labels'])} (raise n_test)")
+    replicates = []
+    for k in range(1, n_models):
+        runs = train_models(prepared, seed + k, device)
+        replicates.append(score_everything(runs, prepared, seed + k, tie_break, rise_p, device, cache, cache_dir,
+                                           first_image=k * s["n_images"]))
+    return replicates
 
 
 # ----------------------------------------------------------------------------- analyses (groupbys)
@@ -1324,21 +1359,98 @@ def figure_examples(model, evaluation: dict, settings: dict, seed: int, n: int =
 
 # ----------------------------------------------------------------------------- findings
 
-def analyse(evaluation: Evaluation, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, pd.DataFrame]:
+def _verdict_tables(scores: pd.DataFrame, seed: int, n_boot: int) -> dict[str, pd.DataFrame]:
+    """The tables the verdicts read, for one model per architecture."""
+    return {"reliability": reliability(scores), **uncertainty(scores, seed, n_boot)}
+
+
+def _t_over_models(values: pd.Series, level: float) -> dict:
+    """Mean of one statistic's per-model values and its t interval over the models (NaN: left out)."""
+    from study.findings import mean_interval
+
+    finite = values.dropna()
+    if len(finite) < 2:
+        return {"estimate": float(finite.mean()) if len(finite) else np.nan, "low": np.nan, "high": np.nan,
+                "n": len(finite)}
+    estimate, low, high = mean_interval(finite.to_numpy(), level, "t")
+    return {"estimate": estimate, "low": low, "high": high, "n": len(finite)}
+
+
+def over_models(per_model: list[dict], level: float = LEVEL) -> dict[str, pd.DataFrame]:
+    """The verdict tables of several trained models (one `_verdict_tables` dict per model, each
+    graded on its own images) combined: every statistic's estimate is its mean over the models and
+    its interval the `level` t interval over the models (a model where it is undefined is left
+    out; fewer than two defined: NaN interval, read as inconclusive). Returns `intervals`,
+    `dummy_margins` and `reliability` shaped as one model's (n = models), and `per_model`: every
+    model's estimates (model, arch, statistic, estimate)."""
+    if len(per_model) < 2:
+        raise ValueError(f"over_models needs the tables of at least 2 models, got {len(per_model)}")
+    n_images = {}
+    long = []
+    for k, tables in enumerate(per_model):
+        for r in tables["intervals"].itertuples():
+            long.append({"model": k, "arch": r.arch, "statistic": r.statistic, "estimate": r.estimate})
+            if r.unit == "images":
+                n_images.setdefault(r.arch, set()).add(int(r.n))
+        for r in tables["dummy_margins"].itertuples():
+            long.append({"model": k, "arch": r.arch, "statistic": f"dummy_margin:{r.metric}", "estimate": r.estimate,
+                         "dummy": r.dummy, "method": r.method})
+        for r in tables["reliability"].itertuples():
+            long.append({"model": k, "arch": r.arch, "statistic": f"alpha:{r.metric}", "estimate": r.alpha,
+                         "authors_variant": r.alpha_authors_variant, "n_maps": r.n_maps})
+    long = pd.DataFrame(long)
+    images = {arch: "/".join(str(n) for n in sorted(sizes)) for arch, sizes in n_images.items()}
+    unit = {arch: f"models ({images.get(arch, '?')} images each)" for arch in long["arch"].unique()}
+    intervals, margins, alphas = [], [], []
+    for (arch, statistic), group in long.groupby(["arch", "statistic"], sort=False):
+        combined = _t_over_models(group["estimate"], level)
+        kind, _, metric = statistic.partition(":")
+        if kind == "dummy_margin":
+            pair = group[["dummy", "method"]].value_counts().idxmax()  # the pair most models picked
+            margins.append({"arch": arch, "metric": metric, "dummy": pair[0], "method": pair[1], **combined})
+        elif kind == "alpha":
+            alphas.append({"arch": arch, "metric": metric, "n_images": images.get(arch), "n_maps": group["n_maps"].max(),
+                           "n_models": combined["n"], "alpha": combined["estimate"], "alpha_low": combined["low"],
+                           "alpha_high": combined["high"], "alpha_authors_variant": group["authors_variant"].mean()})
+        else:
+            intervals.append({"arch": arch, "statistic": statistic, **combined, "unit": unit[arch], "method": "t"})
+    reliability_table = pd.DataFrame(alphas)
+    alpha = reliability_table["alpha"]
+    reliability_table["reading"] = np.select(
+        [alpha.isna(), alpha >= metrics.KRIPPENDORFF_RELIABLE, alpha >= metrics.KRIPPENDORFF_TENTATIVE],
+        ["undefined", "reliable", "tentative"], "unreliable")
+    margins = pd.DataFrame(margins)
+    return {"intervals": pd.DataFrame(intervals), "dummy_margins": margins.assign(n=margins.pop("n")),
+            "reliability": reliability_table, "per_model": long[["model", "arch", "statistic", "estimate"]]}
+
+
+def analyse(evaluation: Evaluation, seed: int = 0, n_boot: int = N_BOOT, replicates=()) -> dict[str, pd.DataFrame]:
     """Every table of the notebook from the long score table (each a groupby of it), with the
-    intervals behind the findings (`uncertainty`, `n_boot` resamples of the images)."""
+    intervals behind the findings (`uncertainty`, `n_boot` resamples of the images).
+
+    `replicates`: the Evaluations of the other trained models (`score_replicates`). With any, the
+    verdicts' tables (`intervals`, `dummy_margins`, `reliability`) are `over_models` of this
+    model's and theirs, so the intervals include what retraining moves; the descriptive tables stay
+    this model's, and its image-level intervals are kept as `intervals_first_model`."""
     scores = evaluation.scores
     means = mean_scores(scores)
     correlations = metric_correlations(scores)
     within = sparsity_vs_grades(scores)
-    return {
-        "means": means, "ranks": method_ranks(means), "reliability": reliability(scores),
+    verdict_tables = _verdict_tables(scores, seed, n_boot)
+    tables = {
+        "means": means, "ranks": method_ranks(means),
         "correlations": correlations, "correlation_summary": correlation_summary(correlations),
         "agreement": ranking_agreement(means), "sparsity": sparsity_table(scores),
         "sparsity_vs_grades": within, "sparsity_grade_summary": sparsity_grade_summary(within),
         "shift": grade_shift(scores), "dummy_ranks": dummy_ranks(scores), "drop_gaps": drop_gaps(means),
-        "correct_only_ranks": correct_only_ranks(scores), **uncertainty(scores, seed, n_boot),
+        "correct_only_ranks": correct_only_ranks(scores), **verdict_tables,
     }
+    if replicates:
+        per_model = [verdict_tables] + [_verdict_tables(r.scores, seed + k, n_boot)
+                                        for k, r in enumerate(replicates, start=1)]
+        tables["intervals_first_model"] = verdict_tables["intervals"]
+        tables.update(over_models(per_model))
+    return tables
 
 
 ALPHA_THRESHOLD = metrics.KRIPPENDORFF_TENTATIVE
@@ -1369,6 +1481,10 @@ RULES = {
                "(Drop / 100): a metric counts when its 95% t CI lies above 0.05; reproduced for an architecture "
                "when some metric counts, not reproduced when every CI lies at or below 0.05",
 }
+RULES["models"] = ("with several trained models per architecture (n_models; the synthetic default, each model with "
+                   "its own training seed and its own test images), every statistic above is computed per model and "
+                   "its interval is the 95% t interval over the models instead of the one over images or methods "
+                   "named in the rule; thresholds and sides unchanged")
 # every architecture-level verdict of the rules above is combined by `combine_verdicts`
 COMBINED = ("reproduced", "not reproduced", "inconclusive")
 
@@ -1458,12 +1574,17 @@ def _coherence(t: dict) -> dict:
     alpha_text = "; ".join(f"{_arch_label(r.arch)} {METRIC_LABELS[r.metric]} {r.alpha:.2f} "
                            f"[{r.alpha_low:.2f}, {r.alpha_high:.2f}]" for r in rel.itertuples())
     n_images = rel.groupby("arch", sort=False)["n_images"].first()
+    if "n_models" in rel:  # over_models: mean α of the models, t interval over them
+        n_models = rel.groupby("arch", sort=False)["n_models"].max()
+        n = "; ".join(f"{_arch_label(a)} {n_models[a]} models × {k} images × {len(rel[rel['arch'] == a])} metrics"
+                      for a, k in n_images.items())
+        method = "mean ordinal α over the models, 95% t CI over models"
+    else:
+        n = "; ".join(f"{_arch_label(a)} {k} images × {len(rel[rel['arch'] == a])} metrics" for a, k in n_images.items())
+        method = "ordinal α, 95% jackknife t CI over images"
     return _row("Some metrics grade explanations without coherency [abstract]",
                 "n/a (claim only; no number available)", "coherence", this_run,
-                combine_verdicts(verdicts) if verdicts else "inconclusive",
-                "; ".join(f"{_arch_label(a)} {k} images × {len(rel[rel['arch'] == a])} metrics"
-                          for a, k in n_images.items()),
-                f"ordinal α, 95% jackknife t CI over images: {alpha_text}")
+                combine_verdicts(verdicts) if verdicts else "inconclusive", n, f"{method}: {alpha_text}")
 
 
 def _sparsity_sways(t: dict) -> dict:
@@ -1490,8 +1611,10 @@ def _sparsity_within(t: dict) -> dict:
                 f"{_text(intervals, 'sparsity_rho_drop', '{:+.2f}')}; per method: {per_method}")
     return _row("Within a method, sparser maps get a worse soft Average Drop [abstract claim 2; card §5.5.5, "
                 "within method]", "n/a (claim only; no number available)", "sparsity_within", this_run,
-                combine_verdicts(verdicts), _n(intervals, "sparsity_rho_drop") + f" ({part['n_images'].max()} images "
-                "each)", _uncertainty(intervals, ["sparsity_rho_drop"], "{:+.2f}"))
+                combine_verdicts(verdicts), _n(intervals, "sparsity_rho_drop") + (
+                    f" ({part['n_images'].max()} images each)" if (_rows(intervals, "sparsity_rho_drop")["unit"]
+                                                                   == "methods").all() else ""),
+                _uncertainty(intervals, ["sparsity_rho_drop"], "{:+.2f}"))
 
 
 def _opposing(t: dict) -> dict:
@@ -1589,20 +1712,26 @@ def _dummies(t: dict) -> dict:
     this_run = ("metrics on which the best dummy beats the worst real method by a CI wholly above 0.05: "
                 + "; ".join(f"{_arch_label(a)} {k} of {n}" for a, (k, n) in counts.items())
                 + f"; the largest margin (by CI low end): {best}")
+    unit = "models" if "per_model" in t else "images"
     return _row("Dummy maps (random, Sobel, constant, centre Gaussian) outrank real methods on some metrics "
                 "[Stassin et al. 2023 extension, not this paper]", "n/a (Stassin et al. abstract; no number)",
                 "dummies", this_run, combine_verdicts(verdicts),
-                "; ".join(f"{_arch_label(a)} {int(g['n'].iloc[0])} images × {len(g)} metrics"
+                "; ".join(f"{_arch_label(a)} {int(g['n'].iloc[0])} {unit} × {len(g)} metrics"
                           for a, g in margins.groupby("arch", sort=False)),
-                "per-metric margin, 95% t CI over images: " + "; ".join(
+                f"per-metric margin, 95% t CI over {unit}: " + "; ".join(
                     f"{_arch_label(r.arch)} {METRIC_LABELS[r.metric]} {r.estimate:+.2f} [{r.low:+.2f}, {r.high:+.2f}]"
                     for r in margins.itertuples()))
 
 
 def findings(tables: dict) -> list[dict]:
     """The Findings rows, every verdict computed from this run's intervals by the rule in `RULES`."""
-    return [step(tables) for step in (_coherence, _sparsity_sways, _sparsity_within, _opposing, _pointing_game,
+    rows = [step(tables) for step in (_coherence, _sparsity_sways, _sparsity_within, _opposing, _pointing_game,
                                       _binarising, _reference, _baseline, _dummies)]
+    if "per_model" in tables:
+        for row in rows:
+            if row["verdict"] != "not tested":
+                row["this_run"] += f"; interval: {RULES['models']}"
+    return rows
 
 
 def save_and_show(fig, table: pd.DataFrame, figures_dir, name: str):
