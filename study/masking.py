@@ -415,7 +415,7 @@ def masker_objective(masks: torch.Tensor, labels: torch.Tensor, clean_logits: to
             n_i = c_i · 1[argmax F(x ⊙ (1 − m)) ≠ y], c_i = 1[argmax F(x) = y].
     TV appears in both (Q2: effective weight 2·λ_tv). A side whose kind is None is switched off
     (its logits may then be None). The weights and λs must be finite numbers >= 0 (else ValueError).
-    Returns the total and the detached parts for logging.
+    Returns the total and the detached parts for logging (device scalars: read them when needed).
     """
     if in_kind not in IN_OBJECTIVES or out_kind not in OUT_OBJECTIVES:
         raise ValueError(f"in_kind must be one of {IN_OBJECTIVES} and out_kind one of {OUT_OBJECTIVES}; "
@@ -428,7 +428,7 @@ def masker_objective(masks: torch.Tensor, labels: torch.Tensor, clean_logits: to
     correct = (clean_logits.argmax(1) == labels).float()
     tv = total_variation(masks, lambda_tv)
     total = masks.new_zeros(())
-    parts = {"tv": float(tv.detach())}
+    parts = {"tv": tv.detach()}
     if in_kind is not None:
         if logits_in is None:
             raise ValueError("logits_in is needed when the masked-in objective is on")
@@ -436,7 +436,7 @@ def masker_objective(masks: torch.Tensor, labels: torch.Tensor, clean_logits: to
         gate_in = (logits_in.argmax(1) == labels).float()
         area_in = gated_area_penalty(masks, gate_in, lambda_in)
         total = total + w_in * (classify + area_in + tv)
-        parts.update(masked_in=float(classify.detach()), area_in=float(area_in.detach()))
+        parts.update(masked_in=classify.detach(), area_in=area_in.detach())
     if out_kind is not None:
         if logits_out is None:
             raise ValueError("logits_out is needed when the masked-out objective is on")
@@ -444,9 +444,9 @@ def masker_objective(masks: torch.Tensor, labels: torch.Tensor, clean_logits: to
         gate_out = correct * (logits_out.argmax(1) != labels).float()
         area_out = gated_area_penalty(masks, gate_out, lambda_out)
         total = total + w_out * (confuse + area_out + tv)
-        parts.update(masked_out=float(confuse.detach()), area_out=float(area_out.detach()))
-    parts["total"] = float(total.detach())
-    parts["mask_mean"] = float(masks.detach().mean())
+        parts.update(masked_out=confuse.detach(), area_out=area_out.detach())
+    parts["total"] = total.detach()
+    parts["mask_mean"] = masks.detach().mean()
     return ObjectiveTerms(total, parts)
 
 
@@ -654,7 +654,7 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
                                  lambda_tv=spec.lambda_tv)
         masker_grads = torch.autograd.grad(terms.total, masker_params, retain_graph=update_classifier, allow_unused=True)
         # 5. classifier step on the masked images
-        record = {"step": index, **terms.parts, "clean_accuracy": float((clean_logits.argmax(1) == y).float().mean()),
+        record = {"step": index, **terms.parts, "clean_accuracy": (clean_logits.argmax(1) == y).float().mean(),
                   "historic": float(historic)}
         if update_classifier:
             masked_loss = F.cross_entropy(logits_in, y) + F.cross_entropy(logits_out, y)
@@ -663,7 +663,7 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
             for p, g in zip(classifier_params, grads):
                 p.grad = g
             opt_c.step()
-            record["classifier_masked_loss"] = float(masked_loss.detach())
+            record["classifier_masked_loss"] = masked_loss.detach()
         # 6. masker step
         opt_m.zero_grad(set_to_none=True)
         for p, g in zip(masker_params, masker_grads):
@@ -679,7 +679,15 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     engine.fit(masker, batches, epochs=1, optimizer=opt_m, step=step, device=device, progress=False)
     classifier.eval()
     classifier.requires_grad_(True)
-    return MaskerRun(masker, classifier, spec, history)
+    return MaskerRun(masker, classifier, spec, _as_floats(history))
+
+
+def _as_floats(history: list[dict]) -> list[dict]:
+    """The step records with their device scalars read back in one transfer (the steps never wait
+    for the device to log)."""
+    tensors = [v for row in history for v in row.values() if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack([t.to(torch.float64) for t in tensors]).cpu().tolist() if tensors else [])
+    return [{k: next(values) if isinstance(v, torch.Tensor) else v for k, v in row.items()} for row in history]
 
 
 def _cycling_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int,

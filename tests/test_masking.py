@@ -280,6 +280,9 @@ def test_fix_training_leaves_classifier_unchanged_and_moves_masker():
         fresh = Masker(clf.channels, spec.layers, spec.hidden, spec.grid, 32)
     assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), run.masker.parameters()))
     assert len(run.history) == 3 and all(h["historic"] == 0.0 for h in run.history)
+    # the steps keep their logs on the device; the run hands back plain numbers, read once
+    assert all(type(v) in (int, float) for h in run.history for v in h.values())
+    assert [h["step"] for h in run.history] == [0, 1, 2] and 0 <= run.history[-1]["mask_mean"] <= 1
 
 
 def test_ca_training_updates_a_copy_of_the_classifier_and_is_seeded():
