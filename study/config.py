@@ -82,7 +82,7 @@ PROFILES: dict[str, dict[str, dict]] = {
                         "ig_steps": 10, "ig_batch": 1024, "occlusion_window": 4, "n_explain": 24, "disc_hidden": 256,
                         "severity_ps": [0.0, 0.25, 0.5, 0.75, 1.0], "severity_attributions": ["grad"],
                         "severity_select": "fixed", "xray_size": 64, "n_per_cell": 200, "workers": 2, "threads": 1},
-        "tomsett2020": {"n_images": 100, "epochs": {"digits": 15, "synth_cifar": 10, "cifar10": 10}, "width": 16,
+        "tomsett2020": {"n_images": 200, "epochs": {"digits": 15, "synth_cifar": 10, "cifar10": 10}, "width": 16,
                         "n_train": 5000, "n_valid": 500, "n_test": 1000, "steps": 32, "ig_steps": 32,
                         "smoothgrad_samples": 25,
                         "replacements": ["dataset_mean", "uniform", "zero", "blur"], "granularities": ["pixel", "patch"],
