@@ -715,6 +715,11 @@ def test_over_models_with_one_defined_value_is_inconclusive_and_needs_two_models
         V.over_models([_model_tables(0.1, 0.2, 0.5)])
 
 
+def test_over_models_keeps_tau_intervals_in_tau_range():
+    row = V.over_models([_model_tables(v, 0.2, 0.5) for v in (-0.95, -0.2, 0.95)])["intervals"].iloc[0]
+    assert row["statistic"] in V.TAU_STATISTICS and (row["low"], row["high"]) == (-1.0, 1.0)  # t: ±1.6 beyond
+
+
 @pytest.mark.parametrize("values, expected", [
     ([0.10, 0.20, 0.15], "reproduced"),       # every model swaps many pairs, and they agree
     ([0.85, 0.90, 0.95], "not reproduced"),   # every model keeps the order

@@ -1359,6 +1359,9 @@ def figure_examples(model, evaluation: dict, settings: dict, seed: int, n: int =
 
 # ----------------------------------------------------------------------------- findings
 
+TAU_STATISTICS = ("mean_tau", "min_tau", "min_tau_baseline")
+
+
 def _verdict_tables(scores: pd.DataFrame, seed: int, n_boot: int) -> dict[str, pd.DataFrame]:
     """The tables the verdicts read, for one model per architecture."""
     return {"reliability": reliability(scores), **uncertainty(scores, seed, n_boot)}
@@ -1413,6 +1416,8 @@ def over_models(per_model: list[dict], level: float = LEVEL) -> dict[str, pd.Dat
                            "n_models": combined["n"], "alpha": combined["estimate"], "alpha_low": combined["low"],
                            "alpha_high": combined["high"], "alpha_authors_variant": group["authors_variant"].mean()})
         else:
+            if statistic in TAU_STATISTICS:  # τ's range, as the one-model interval
+                combined["low"], combined["high"] = np.clip([combined["low"], combined["high"]], -1, 1)
             intervals.append({"arch": arch, "statistic": statistic, **combined, "unit": unit[arch], "method": "t"})
     reliability_table = pd.DataFrame(alphas)
     alpha = reliability_table["alpha"]
