@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--scheduler", help="address of a running Dask scheduler")
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
+    robust_cmd.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                            help="another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
 
     commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
             table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
-                                                    args.workers, args.threads, args.output_dir, args.cpu_isa)
+                                                    args.workers, args.threads, args.output_dir, args.cpu_isa,
+                                                    _parameters(args.parameter))
             with pd.option_context("display.max_colwidth", 70, "display.width", 250):
                 print(table.to_string())
             print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -74,9 +75,12 @@ def robustness(
     threads: int | None = None,
     runs_dir: Path | None = None,
     cpu_isa: str | None = None,
+    parameters: dict | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Run `notebook` at `profile` once per seed set (through the sweep's one parallel map) and tabulate
-    the verdicts. Finished seed sets are skipped on a rerun.
+    the verdicts. Finished seed sets are skipped on a rerun. `parameters`: other papermill
+    parameters, the same for every seed set (e.g. {"n_models": 5}); they name the folder, so that
+    reruns at other settings never mix.
 
     The stand-ins for another machine: `threads` sets OMP_NUM_THREADS for the kernels (another
     summation order where torch's default thread count is used) and `cpu_isa` ("avx2", "sse41")
@@ -90,14 +94,19 @@ def robustness(
     if cpu_isa is not None and cpu_isa not in CPU_ISA_ENV:
         raise runner.UsageError(f"unknown cpu_isa {cpu_isa!r}; choose one of {sorted(CPU_ISA_ENV)}")
     path = runner.find_notebook(notebook)
+    parameters = dict(parameters or {})
+    fixed = {"profile", "seed"} & set(parameters)
+    if fixed:
+        raise runner.UsageError(f"{sorted(fixed)} are set by --profile and --seeds, not as parameters")
     name = (f"robustness-{path.stem}-{profile}" + (f"-threads{threads}" if threads else "")
-            + (f"-{cpu_isa}" if cpu_isa else ""))
+            + (f"-{cpu_isa}" if cpu_isa else "")
+            + "".join(f"-{key}{re.sub(r'[^A-Za-z0-9.]+', '_', str(value))}" for key, value in sorted(parameters.items())))
     updates = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **CPU_ISA_ENV.get(cpu_isa, {})}
     if updates:
         updates["STUDY_CACHE_DIR"] = str((Path(runs_dir or config.RUNS_DIR) / name / "cache").resolve())
     with _environment(updates):
-        outcomes, tables = sweep.sweep(str(path), {"profile": [profile], "seed": list(seeds)}, name, executor,
-                                       scheduler, workers, runs_dir)
+        grid = {"profile": [profile], "seed": list(seeds), **{key: [value] for key, value in parameters.items()}}
+        outcomes, tables = sweep.sweep(str(path), grid, name, executor, scheduler, workers, runs_dir)
     if "findings" not in tables:
         raise runner.NotebookFailed(f"no seed set of {path.name} produced findings.csv: "
                                     + "; ".join(o["error"] or o["status"] for o in outcomes))

@@ -51,6 +51,19 @@ def test_robustness_cli_reruns_the_tour_at_smoke(tmp_path):
     assert (tmp_path / "robustness-00_tour-smoke" / "findings.csv").is_file()
 
 
+def test_robustness_cli_passes_other_parameters_and_names_the_folder_by_them(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke",
+                           "--seeds", "0", "-p", "epochs", "1", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "robustness-00_tour-smoke-epochs1"
+    findings = pd.read_csv(folder / "findings.csv")
+    assert (findings["epochs"] == 1).all() and (findings["seed"] == 0).all()
+    refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "-p", "seed", "3"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "set by --profile and --seeds" in refused.stderr
+
+
 def test_robustness_cli_rejects_bad_seeds():
     done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--seeds", "a,b"],
                           capture_output=True, text=True)
