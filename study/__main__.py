@@ -16,14 +16,17 @@ def _parameters(pairs: list[list[str]] | None) -> dict:
     return {name: runner.parse_value(value) for name, value in (pairs or [])}
 
 
+def _add_parameter_option(command: argparse.ArgumentParser, help_text: str) -> None:
+    command.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_cmd = commands.add_parser("run", help="run one notebook headless with papermill parameters")
     run_cmd.add_argument("notebook", help="path or name, e.g. notebooks/00_tour.ipynb or 00_tour")
-    run_cmd.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                     help="papermill parameter (repeatable); values are Python literals or strings")
+    _add_parameter_option(run_cmd, "papermill parameter (repeatable); values are Python literals or strings")
     run_cmd.add_argument("--output-dir", help="where the executed copy goes (default runs/<profile>/)")
 
     reproduce_cmd = commands.add_parser("reproduce", help="run every notebook at one profile")
@@ -54,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--scheduler", help="address of a running Dask scheduler")
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
-    robust_cmd.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                            help="another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
+    _add_parameter_option(robust_cmd, "another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
 
     commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
 
