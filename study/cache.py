@@ -5,7 +5,8 @@ score tables.
 A result is stored under `<CACHE_DIR>/<section>/<name>-<key>.<suffix>`, where the key is the
 sha256 of the canonical JSON of (name, every parameter the step reads, the torch version). Each
 caller puts its own version number into the parameters and raises it when its code changes what
-it stores. Files are written to a temporary name in the same folder and renamed, so a killed run
+it stores; models trained through `train.cached_fit` also carry the engine's and the data
+generators' versions (`train.model_key`), and data read from disk is named by `file_key`. Files are written to a temporary name in the same folder and renamed, so a killed run
 never leaves a half-written result under the final name and simply recomputes it on resume.
 """
 from __future__ import annotations
@@ -56,6 +57,16 @@ def canonical(name: str, params: dict) -> str:
 def key(name: str, params: dict) -> str:
     """The hex sha256 (first `KEY_LENGTH` digits) of `canonical(name, params)`."""
     return hashlib.sha256(canonical(name, params).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def file_key(paths) -> str:
+    """A digest of files' resolved names, sizes and modification times: the key of data read from
+    disk (reading every byte of a dataset would cost more than the step it keys)."""
+    digest = hashlib.sha256()
+    for file in paths:
+        stat = Path(file).stat()
+        digest.update(f"{Path(file).resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
 
 
 def path(section: str, name: str, params: dict, suffix: str, cache_dir=None) -> Path:

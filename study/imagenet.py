@@ -31,7 +31,6 @@ The "bring your own classifier and images" path reuses all of it:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import re
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from study import cache
 from study.metrics.localisation import rasterise_boxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -431,15 +431,6 @@ def torchvision_model(arch: str, weights_path, num_classes: int, device: str | t
     return net
 
 
-def _file_key(paths) -> str:
-    """A digest of the files' names, sizes and modification times (a cache key for data on disk)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = Path(path).stat()
-        digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
 def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, crop: int = 224,
                       boxes: bool = True) -> dict:
     """Your own images: an ImageFolder tree under `root` (`torchvision.datasets.ImageFolder`: one
@@ -525,4 +516,4 @@ def load_image_folder(root, *, n_images: int | None = None, resize: int = 256, c
             "masks": masks, "group": np.zeros(len(picked), np.int64),
             "files": [str(e["path"].relative_to(root)) for e in picked], "classes": list(folder.classes),
             "localisation": localisation, "dropped_no_target_box": len(dropped), "dropped_files": dropped,
-            "data_key": f"{_file_key(files)}:{resize}:{crop}"}
+            "data_key": f"{cache.file_key(files)}:{resize}:{crop}"}

@@ -34,11 +34,16 @@ def point_name(point: dict) -> str:
 
 
 def run_point(notebook: str, point: dict, point_dir: str) -> dict:
-    """Run one point unless it already finished; never raises (errors are returned)."""
+    """Run one point unless it already finished; never raises (errors are returned). A folder that
+    holds another finished point (two values with one folder name) is reported as failed, not reused."""
     point_dir = Path(point_dir)
     marker = point_dir / "done.json"
     if marker.exists():
-        return {"point": point, "status": "skipped", "error": None}
+        finished = json.loads(marker.read_text())
+        if finished == json.loads(json.dumps(point)):
+            return {"point": point, "status": "skipped", "error": None}
+        return {"point": point, "status": "failed",
+                "error": f"{point_dir} holds the finished point {finished}, not {point}: give the sweep another name"}
     parameters = dict(point)
     parameters.setdefault("figures_dir", str(point_dir / "figures"))
     try:

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+import study.data
 from study import cache, config
 
 ExtraLoss = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]
@@ -208,9 +209,26 @@ def cached_fit(
     return result
 
 
+# Bump when `fit` / `fit_many` change the model a given setting trains, so that no cached model of
+# the old code is reused.
+ENGINE_VERSION = 1
+
+
+def _model_params(params: dict) -> dict:
+    """A model cache entry's full key parameters: the caller's, the engine's version and the version
+    of the data generators (a model trained on old generated data is stale)."""
+    return {"params": params, "engine": ENGINE_VERSION, "generator": study.data.GENERATOR_VERSION}
+
+
+def model_key(name: str, params: dict) -> str:
+    """The cache key of the model `cached_fit(name, params, ...)` stores; callers whose own results
+    depend on that model put it into their keys."""
+    return cache.key(name, _model_params(params))
+
+
 def fit_cache_path(name: str, params: dict, cache_dir: Path | None = None) -> Path:
     """Where `cached_fit` keeps the model trained with (name, params)."""
-    return cache.path("models", name, params, ".pt", cache_dir)
+    return cache.path("models", name, _model_params(params), ".pt", cache_dir)
 
 
 def store_fit(path: Path, result: FitResult) -> None:

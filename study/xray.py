@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study import config, data
+from study import cache, config, data
 
 INSTALL_HINT = 'pip install -e ".[xray]"  (torchxrayvision==1.5.7)'
 SETTINGS = {"xray_spc": ("xray", 0.9), "xray_no_spc": ("xray", 0.5), "rsna_vpc": ("rsna", 0.9), "rsna_no_vpc": ("rsna", 0.5)}
@@ -248,8 +248,31 @@ def load_setting(name: str, data_root=None, size: int = 64, n_per_cell: int = 20
         datasets = covariate_splits(site0, site1, ratio, n_per_cell, seed)
         return {split: materialise(datasets[split], kind, size) for split in SPLITS}
 
-    params = {"root": str(root.resolve()), "size": size, "n_per_cell": n_per_cell, "seed": seed, "version": 1}
-    return data.cached(f"viviano_{name}", params, build)
+    return data.cached(f"viviano_{name}", _setting_params(name, data_root, size, n_per_cell, seed), build)
+
+
+def _setting_params(name: str, data_root, size: int, n_per_cell: int, seed: int) -> dict:
+    root = _root(data_root)
+    return {"root": str(root.resolve()), "size": size, "n_per_cell": n_per_cell, "seed": seed, "version": 1,
+            "metadata": metadata_key(root, SETTINGS[name][0])}
+
+
+def setting_key(name: str, data_root=None, size: int = 64, n_per_cell: int = 200, seed: int = 0) -> str:
+    """The cache key of `load_setting(name, data_root, size, n_per_cell, seed)`'s arrays, without
+    reading them: models trained on them put it into their own keys."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown X-ray setting {name!r}; known: {list(SETTINGS)}")
+    return cache.key(f"viviano_{name}", _setting_params(name, data_root, size, n_per_cell, seed))
+
+
+def metadata_key(root: Path, kind: str) -> str:
+    """Which metadata files a setting reads (yours under `root`, named, sized and dated, or the ones
+    bundled with torchxrayvision, by its version): adding or editing a CSV makes new data."""
+    datasets = ("rsna",) if kind == "rsna" else ("nih", "padchest")
+    chosen = [_optional_csv(root, LAYOUT[d][k]) for d in datasets for k in LAYOUT[d] if k != "images"]
+    mine = [path for path in chosen if path is not None]
+    bundled = f"torchxrayvision {import_xrv().__version__}" if None in chosen else ""
+    return f"{cache.file_key(mine)}:{bundled}"
 
 
 def split_summary(setting: str, n_per_cell: int) -> pd.DataFrame:

@@ -63,3 +63,19 @@ def test_save_torch_round_trip(tmp_path):
     cache.save_torch({"w": torch.arange(3.0)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(3.0))
     assert os.listdir(target.parent) == ["x.pt"]
+
+
+def test_file_key_follows_names_sizes_and_dates_of_the_files(tmp_path):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("x\n1\n")
+    second.write_text("y\n")
+    key = cache.file_key([first, second])
+    assert key == cache.file_key([str(first), str(second)]) and len(key) == 20
+    assert key != cache.file_key([second, first]) and key != cache.file_key([first])
+    stat = first.stat()
+    first.write_text("x\n2\n")                                   # same size, edited
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache.file_key([first, second]) != key
+    assert cache.file_key([]) == cache.file_key(())
+    with pytest.raises(FileNotFoundError):
+        cache.file_key([tmp_path / "missing.csv"])

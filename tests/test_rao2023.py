@@ -602,3 +602,16 @@ def test_adding_the_selection_split_leaves_the_other_splits_data_alone():
     assert "select" in with_select and "select" not in without
     for split in ("train", "valid", "test"):
         assert torch.equal(with_select[split].images, without[split].images)
+
+
+def test_a_run_stored_on_older_generated_data_is_not_reused(monkeypatch):
+    """A run's key holds its whole spec (baseline inside a fine-tune) and the generators' version."""
+    from study import data
+    s = R.settings("smoke")
+    base = R.baseline_spec(s, R.voc_recipe(s, 0), "bcos", 0)
+    tune = R.finetune_spec(s, base, "bcos", "input", "energy", 1.0)
+    paths = (R._path(base), R._path(tune))
+    assert R._path(R.baseline_spec(s, R.voc_recipe(s, 1), "bcos", 0)) != paths[0]
+    assert R._path({**tune, "base": R.baseline_spec(s, R.voc_recipe(s, 1), "bcos", 0)}) != paths[1]
+    monkeypatch.setattr(data, "GENERATOR_VERSION", data.GENERATOR_VERSION + 1)
+    assert R._path(base) != paths[0] and R._path(tune) != paths[1]

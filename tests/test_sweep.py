@@ -38,6 +38,21 @@ def test_dask_sweep_of_the_tour_runs_skips_and_reports_failures(tmp_path):
     assert [o["status"] for o in again] == ["skipped", "skipped"]
 
 
+def test_a_folder_finished_for_another_point_is_not_taken_for_this_one(tmp_path):
+    """'a/b' and 'a-b' share a folder name: the second is reported, never skipped as done."""
+    first, second = {"dataset": "a/b"}, {"dataset": "a-b"}
+    assert sweep.point_name(first) == sweep.point_name(second)
+    folder = tmp_path / sweep.point_name(first)
+    folder.mkdir()
+    (folder / "done.json").write_text('{"dataset": "a/b"}')
+    assert sweep.run_point("00_tour", first, str(folder))["status"] == "skipped"
+    clash = sweep.run_point("00_tour", second, str(folder))
+    assert clash["status"] == "failed" and "holds the finished point" in clash["error"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "done.json").write_text('{"seeds": [1, 2]}')  # a tuple comes back from JSON as a list
+    assert sweep.run_point("00_tour", {"seeds": (1, 2)}, str(tmp_path / "t"))["status"] == "skipped"
+
+
 def test_concatenated_tables_keep_the_verdict_n_a_and_read_empty_cells_as_missing(tmp_path):
     """'n/a' is one of the verdicts; pandas' default would read it as NaN (and the robustness
     table then fails to count it)."""

@@ -72,6 +72,29 @@ def test_cache_hit_skips_training(tmp_path):
     assert len(calls) == 2
 
 
+def test_model_key_names_the_engine_and_the_data_generators(tmp_path, monkeypatch):
+    """A model trained by older engine code, or on the output of an older data generator, is stale:
+    bumping either version moves every model's key (and `cached_fit` trains again)."""
+    from study import data
+    key = train.model_key("toy", {"a": 1})
+    assert train.fit_cache_path("toy", {"a": 1}, tmp_path) == tmp_path / "models" / f"toy-{key}.pt"
+    assert key != train.model_key("toy", {"a": 2})
+    monkeypatch.setattr(data, "GENERATOR_VERSION", data.GENERATOR_VERSION + 1)
+    assert train.model_key("toy", {"a": 1}) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "ENGINE_VERSION", train.ENGINE_VERSION + 1)
+    assert train.model_key("toy", {"a": 1}) != key
+    calls = []
+
+    def fit(model):
+        calls.append(1)
+        return train.fit(model, _batches(), epochs=1, device="cpu")
+
+    train.cached_fit("toy", {"a": 1}, _model, fit, cache_dir=tmp_path)
+    monkeypatch.setattr(train, "ENGINE_VERSION", train.ENGINE_VERSION + 1)
+    assert not train.cached_fit("toy", {"a": 1}, _model, fit, cache_dir=tmp_path).from_cache and len(calls) == 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"epochs": 0}, "epochs must be positive"),
     ({"epochs": 2, "select": "best"}, "unknown selection criterion"),

@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import stats
 
 import study  # noqa: F401  (before torchvision)
-from study import attribution, config, data, imagenet
+from study import attribution, config, data, imagenet, train
 from study.experiments import vandersmissen2024 as V
 from study.models import MODELS, ResNetLike, VGGLike, capture
 
@@ -238,6 +238,18 @@ def test_train_models_at_smoke_size_uses_the_cache(tmp_path, monkeypatch):
     assert again["vgg_like"]["from_cache"]
     assert all(torch.equal(a, b) for a, b in zip(runs["vgg_like"]["model"].state_dict().values(),
                                                 again["vgg_like"]["model"].state_dict().values()))
+
+
+def test_a_model_key_names_the_training_data_seed_as_well_as_the_model_seed():
+    """`score_replicates` trains seed 1 on the data of seed 0; a run at seed 1 must not load it as
+    its own seed-1 model (trained on the data of seed 1)."""
+    settings = {"n_train": 32, "epochs": 1}
+    on_data = {d: {"settings": settings, "dataset": "synth_objects_64", "data_seed": d, "num_classes": 6} for d in (0, 1)}
+    replicate, own = V.model_params(on_data[0], "vgg_like", 1), V.model_params(on_data[1], "vgg_like", 1)
+    assert replicate["seed"] == own["seed"] == 1 and (replicate["data_seed"], own["data_seed"]) == (0, 1)
+    assert train.model_key("m", replicate) != train.model_key("m", own)
+    assert V.model_params(on_data[0], "vgg_like", 1) == replicate
+    assert V.prepare_synthetic("smoke", 3, n_train=8, n_test=4)["data_seed"] == 3
 
 
 # ----------------------------------------------------------------------------- ImageNet loader

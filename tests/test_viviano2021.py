@@ -447,6 +447,29 @@ def test_covariate_dataset_counts_match_the_rule():
     pd.testing.assert_frame_equal(xray.split_counts(datasets), xray.expected_counts(50, 0.9))
 
 
+def test_an_x_ray_model_key_names_the_data_folder_and_its_metadata_files(tmp_path):
+    """Models trained on the X-ray data under one folder (or with torchxrayvision's bundled CSVs)
+    are not loaded for another folder (or once your own CSV is there)."""
+    pytest.importorskip("torchxrayvision")
+    s = config.settings("smoke", "viviano2021")
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root in (first, second):
+        root.mkdir()
+    key = xray.setting_key("rsna_vpc", first, s["xray_size"], s["n_per_cell"], 0)
+    assert key == xray.setting_key("rsna_vpc", str(first), s["xray_size"], s["n_per_cell"], 0)
+    assert key != xray.setting_key("rsna_vpc", second, s["xray_size"], s["n_per_cell"], 0)
+    assert key != xray.setting_key("rsna_vpc", first, s["xray_size"], s["n_per_cell"], 1)
+    assert key != xray.setting_key("rsna_no_vpc", first, s["xray_size"], s["n_per_cell"], 0)
+    model = v.cache_params("baseline", s, 0, "rsna_vpc", data_root=first)
+    assert model["data_key"] == key and model != v.cache_params("baseline", s, 0, "rsna_vpc", data_root=second)
+    (first / "rsna").mkdir()
+    (first / "rsna" / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
+    assert xray.setting_key("rsna_vpc", first, s["xray_size"], s["n_per_cell"], 0) != key
+    assert v.cache_params("baseline", s, 0)["data_key"] is None  # the synthetic data: its seed and sizes name it
+    with pytest.raises(ValueError, match="unknown X-ray setting"):
+        xray.setting_key("xray_nope", first)
+
+
 def test_torchxrayvision_is_imported_lazily_with_a_clear_error(monkeypatch):
     for name in [m for m in sys.modules if m.split(".")[0] == "torchxrayvision"]:
         monkeypatch.delitem(sys.modules, name)

@@ -35,7 +35,7 @@ from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
-from study import attribution, cache, config, data, masking, metrics, parallel, plots, train
+from study import attribution, config, data, masking, metrics, parallel, plots, train
 from study.findings import describe_interval, interval_verdict, mean_interval
 from study.masking import MaskerSpec, PartsClassifier
 
@@ -171,7 +171,7 @@ def data_key(d: dict, s: dict) -> dict:
 
 def classifier_params(d: dict, s: dict, shuffle_labels: bool = False) -> dict:
     return {"data": data_key(d, s), "widths": list(s["widths"]), "stem_stride": s["stem_stride"],
-            "epochs": s["epochs"], "batch_size": 72, "lr": 1e-3, "shuffle_labels": shuffle_labels}
+            "epochs": s["epochs"], "batch_size": 72, "lr": 1e-3, "shuffle_labels": shuffle_labels, "version": 1}
 
 
 def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: bool = False) -> dict:
@@ -200,7 +200,7 @@ def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: boo
     result = train.cached_fit(name, params, build, fit, device=device)
     model = result.model.eval()
     logits = _logits(model, d["x_test"])
-    return {"model": model, "key": cache.key(name, params), "from_cache": result.from_cache,
+    return {"model": model, "key": train.model_key(name, params), "from_cache": result.from_cache,
             "test_accuracy": float((logits.argmax(1) == d["y_test"]).float().mean()),
             "history": pd.DataFrame(result.history)}
 
@@ -450,7 +450,7 @@ def prefill_maskers(s: dict, d: dict, lambda_tv: dict, workers: int, device: str
     maskers trained."""
     if (workers <= 1 or config.get_device(device).type != "cpu") and parallel.default_scheduler() is None:
         return 0
-    clf_key = cache.key("phang2020_classifier", classifier_params(d, s))
+    clf_key = train.model_key("phang2020_classifier", classifier_params(d, s))
     todo = [job for job in masker_jobs(s, d) if not _cached(job, s, d, lambda_tv, clf_key)]
     if not todo:
         return 0

@@ -378,7 +378,8 @@ def finetune_spec(s: dict, base: dict, config_name: str, layer: str, loss: str, 
 
 
 def _path(spec: dict) -> Path:
-    return cache.path("rao2023", spec["kind"], spec, ".pt")
+    # the generators' version too: a run on data of an older generator is stale
+    return cache.path("rao2023", spec["kind"], {"spec": spec, "generator": data.GENERATOR_VERSION}, ".pt")
 
 
 def _config_of(spec: dict) -> str:

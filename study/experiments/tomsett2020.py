@@ -275,7 +275,7 @@ def train_model(bundle: dict, s: dict, seed: int, device: str = "auto") -> dict:
 
     n_valid = 0 if bundle["valid"] is None else len(bundle["valid"]["labels"])
     params = {"dataset": dataset, "seed": seed, "epochs": s["epochs"], "width": s["width"],
-              "n_train": len(bundle["train"]["labels"]), "n_valid": n_valid}
+              "n_train": len(bundle["train"]["labels"]), "n_valid": n_valid, "version": 1}
     result = train.cached_fit(f"tomsett2020_{dataset}", params, build, fit, device=device)
     test = train.evaluate(result.model, data.make_loader(bundle["test"], 256, False, seed), device)
     architecture = "Standardise + MiniVGG" if dataset == "cifar10" else type(result.model).__name__

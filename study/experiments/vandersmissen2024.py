@@ -80,7 +80,7 @@ def prepare_synthetic(profile: str, seed: int, dataset: str = "synth_objects_64"
     s = config.settings(profile, SECTION, **overrides)
     splits = data.shapes_splits(seed, dataset, sizes={"train": s["n_train"], "test": s["n_test"]}, use_cache=True)
     mean, std = data.channel_stats(splits["train"]["images"])
-    return {"settings": s, "dataset": dataset, "train": splits["train"], "test": splits["test"],
+    return {"settings": s, "dataset": dataset, "data_seed": seed, "train": splits["train"], "test": splits["test"],
             "dropped_no_target_box": 0, "mean": mean, "std": std, "image_size": splits["train"]["images"].shape[-1],
             "num_classes": int(splits["train"]["labels"].max()) + 1}
 
@@ -108,13 +108,20 @@ def train_models(prepared: dict, seed: int, device: str = "auto", architectures=
             loader = data.make_loader(train_set, batch_size=64, shuffle=True, seed=seed)
             return train.fit(model, loader, epochs=s["epochs"], lr=1e-3, device=device)
 
-        params = {"arch": arch, "seed": seed, "dataset": prepared["dataset"], "n_train": s["n_train"],
-                  "epochs": s["epochs"], "num_classes": prepared["num_classes"]}
+        params = model_params(prepared, arch, seed)
         result = train.cached_fit(f"{SECTION}_{arch}", params, build, fit, device=device)
         runs[arch] = {"model": result.model.eval(), "test": train.evaluate(result.model, test_loader, device),
                       "history": pd.DataFrame(result.history), "from_cache": result.from_cache,
-                      "model_key": disk_cache.key(f"{SECTION}_{arch}", params)}
+                      "model_key": train.model_key(f"{SECTION}_{arch}", params)}
     return runs
+
+
+def model_params(prepared: dict, arch: str, seed: int) -> dict:
+    """The cache key parameters of `arch` trained with `seed` on the training set of `prepared`,
+    which `score_replicates` draws with another seed than the models' (so both seeds are in it)."""
+    s = prepared["settings"]
+    return {"arch": arch, "seed": seed, "data_seed": prepared["data_seed"], "dataset": prepared["dataset"],
+            "n_train": s["n_train"], "epochs": s["epochs"], "num_classes": prepared["num_classes"], "version": 1}
 
 
 def channels_last(model: torch.nn.Module) -> torch.nn.Module:
@@ -200,7 +207,7 @@ def prepare_imagenet(profile: str, seed: int, data_root, class_list=None, n_clas
             "mean": np.array(mean, np.float64), "std": np.array(std, np.float64),
             "image_size": arrays["images"].shape[-1], "num_classes": len(arrays["wnids"]),
             "classes_from": "the ImageNet path has 1,000 classes",
-            "data_key": f"{imagenet._file_key(Path(data_root) / f for f in arrays['files'])}:{resize}:{crop}:"
+            "data_key": f"{disk_cache.file_key(Path(data_root) / f for f in arrays['files'])}:{resize}:{crop}:"
                         f"{list(np.round(mean, 6))}:{list(np.round(std, 6))}"}
 
 

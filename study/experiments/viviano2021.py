@@ -340,10 +340,14 @@ def fit_adversarial(model: SmallResNet18, train_loader, *, epochs: int, lr: floa
 
 
 def cache_params(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
-                 actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False) -> dict:
-    """Every setting one (method, seed) training reads: the key of its cached model."""
+                 actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False, data_root=None) -> dict:
+    """Every setting one (method, seed) training reads: the key of its cached model. An X-ray
+    setting's data is named by its `xray.load_setting` key (folder, metadata files, sizes, seed)."""
+    from study import xray
     hyper = HYPERPARAMETERS[dataset][method]
-    return {"dataset": dataset, "method": method, "hyper": hyper.__dict__, "seed": run_seed, "flip_prob": flip_prob,
+    data_key = None if dataset == SYNTHETIC else xray.setting_key(dataset, data_root, s["xray_size"], s["n_per_cell"],
+                                                                  run_seed)
+    return {"dataset": dataset, "data_key": data_key, "method": method, "hyper": hyper.__dict__, "seed": run_seed, "flip_prob": flip_prob,
             "width": s["width"], "epochs": s["epochs"], "burn_in": s["burn_in"], "batch_size": BATCH_SIZE,
             "sizes": [s["n_train"], s["n_valid"], s["n_test"]] if dataset == SYNTHETIC else [s["xray_size"], s["n_per_cell"]],
             "disc_hidden": s["disc_hidden"] if method == "adversarial" else None,
@@ -353,9 +357,9 @@ def cache_params(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, 
 
 
 def is_cached(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, flip_prob: float = 1.0,
-              actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False) -> bool:
+              actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False, data_root=None) -> bool:
     name = f"viviano2021_{method}"
-    params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks)
+    params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks, data_root)
     return train.fit_cache_path(name, params).is_file()
 
 
@@ -387,7 +391,7 @@ def train_seeds_together(method: str, seeds: list[int], s: dict, dataset: str = 
     todo, models, train_data, valid_data = [], [], [], []
     for run_seed in seeds:
         path = train.fit_cache_path(f"viviano2021_{method}",
-                                    cache_params(method, s, run_seed, dataset, flip_prob, False, skip_empty_masks))
+                                    cache_params(method, s, run_seed, dataset, flip_prob, False, skip_empty_masks, data_root))
         if path.is_file():
             continue
         splits = load_splits(dataset, run_seed, s, flip_prob, data_root)
@@ -420,7 +424,8 @@ def _run_job(method: str, job_seeds: list[int], dataset: str, s: dict, flip_prob
         return train_seeds_together(method, job_seeds, s, dataset, flip_prob, device, data_root, skip_empty_masks)
     for run_seed in job_seeds:
         splits = load_splits(dataset, run_seed, s, flip_prob, data_root)
-        train_method(method, splits, s, run_seed, dataset, flip_prob, device, actdiff_apply_lambda, skip_empty_masks)
+        train_method(method, splits, s, run_seed, dataset, flip_prob, device, actdiff_apply_lambda, skip_empty_masks,
+                     data_root)
     return len(job_seeds)
 
 
@@ -441,7 +446,7 @@ def prefill(dataset: str, s: dict, seed: int, device="auto", data_root=None, act
     for run_seed in run_seeds(seed, s["n_seeds"]):
         for method in s["methods"]:
             if method in HYPERPARAMETERS[dataset] and not is_cached(method, s, run_seed, dataset, flip_prob,
-                                                                    actdiff_apply_lambda, skip_empty_masks):
+                                                                    actdiff_apply_lambda, skip_empty_masks, data_root):
                 missing.setdefault(method, []).append(run_seed)
     jobs = [(m, rs) for m, group in missing.items() for rs in ([group] if m in BATCHED_METHODS else [[r] for r in group])]
     jobs.sort(key=lambda job: (-len(job[1]), _COST_ORDER.index(job[0]) if job[0] in _COST_ORDER else len(_COST_ORDER)))
@@ -456,8 +461,9 @@ def prefill(dataset: str, s: dict, seed: int, device="auto", data_root=None, act
 
 def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str = SYNTHETIC,
                  flip_prob: float = 1.0, device="auto", actdiff_apply_lambda: bool = False,
-                 skip_empty_masks: bool = False) -> dict:
-    """Train one (method, seed) (cached) and evaluate it: {model, arrays, fit, valid, test, seconds}."""
+                 skip_empty_masks: bool = False, data_root=None) -> dict:
+    """Train one (method, seed) (cached) and evaluate it: {model, arrays, fit, valid, test, seconds};
+    `data_root` names the X-ray setting's data in the cache key (the folder `splits` came from)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
     if method not in HYPERPARAMETERS[dataset]:
@@ -500,7 +506,7 @@ def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str
         return train.fit(model, loader, lr=hyper.lr, extra_loss=extra(hyper.lam) if extra else None,
                          select="valid_loss", **common)
 
-    params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks)
+    params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks, data_root)
     start = time.perf_counter()
     fitted = train.cached_fit(f"viviano2021_{method}", params, build, fit, device=device)
     seconds = time.perf_counter() - start
@@ -521,7 +527,7 @@ def train_all(dataset: str, s: dict, seed: int, device="auto", data_root=None, a
             if method not in HYPERPARAMETERS[dataset]:
                 continue
             run = train_method(method, splits, s, run_seed, dataset, flip_prob, device, actdiff_apply_lambda,
-                               skip_empty_masks)
+                               skip_empty_masks, data_root)
             run["splits"] = splits
             runs.append(run)
             if progress is not None:
@@ -737,7 +743,7 @@ def correlations(table: pd.DataFrame, dataset: str = SYNTHETIC, severity_table: 
 # ------------------------------------------------------------------------------ shift severity
 
 def severity(runs: list[dict], s: dict, dataset: str, seed: int, device="auto", data_root=None,
-             actdiff_apply_lambda: bool = False) -> pd.DataFrame:
+             actdiff_apply_lambda: bool = False, skip_empty_masks: bool = False) -> pd.DataFrame:
     """AUC and IoU per method vs the flip probability p of valid/test (synthetic only).
 
     "fixed": the models selected at p = 1 (the paper's protocol) are tested at every p, so only
@@ -754,7 +760,8 @@ def severity(runs: list[dict], s: dict, dataset: str, seed: int, device="auto", 
                 splits_at[(run["seed"], p)] = load_splits(dataset, run["seed"], s, p)
             splits = splits_at[(run["seed"], p)]
             if s["severity_select"] == "per_p" and p != 1.0:
-                fitted = train_method(run["method"], splits, s, run["seed"], dataset, p, device, actdiff_apply_lambda)
+                fitted = train_method(run["method"], splits, s, run["seed"], dataset, p, device, actdiff_apply_lambda,
+                                      skip_empty_masks)
                 model, arrays = fitted["model"], fitted["arrays"]
             else:
                 model = run["model"]
