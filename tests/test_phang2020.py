@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 from torch import nn
 
 from study import config, findings
@@ -171,7 +172,7 @@ def smoke_run(tmp_path_factory):
         table = P.ablation_table(grid, baselines)
         curve = P.few_shot(clf, d, s, tv, grid, device="cpu")
         leak = P.leak_check({("S6", 0): runs[("S6", 0)]}, d, 0)
-        randomisation = P.randomisation_check(runs[("S3", 0)], clf, d, s)
+        randomisation = P.randomisation_checks(runs, clf, d, s)
         yield {"s": s, "d": d, "clf": clf, "baselines": baselines, "maps": maps, "runs": runs, "grid": grid,
                "again": again, "table": table, "curve": curve, "leak": leak, "randomisation": randomisation}
     finally:
@@ -230,6 +231,9 @@ def test_few_shot_and_sanity_steps(smoke_run):
     assert list(dict.fromkeys(randomisation["layer"])) == ["none", "fc", "l4", "l3", "l2", "l1", "l0"]
     first = randomisation[randomisation["layer"] == "none"]
     assert first["spearman"].to_numpy() == pytest.approx(1.0)
+    assert sorted(set(randomisation["replicate"])) == [0, 1]  # both S3 maskers, each with its own draw
+    last = randomisation[randomisation["layer"] == "l0"]
+    assert not np.allclose(last[last.replicate == 0]["spearman"].to_numpy(), last[last.replicate == 1]["spearman"].to_numpy())
 
 
 def test_worker_processes_fill_the_cache_with_the_same_maskers(smoke_run):
@@ -456,8 +460,8 @@ def test_sanity_rules_leak_randomisation_and_random_label():
     def leak(rate, n=500):
         return pd.DataFrame({"mode": ["ca"], "follows_mask_source": [rate], "n_pairs": [n], "chance": [0.1]})
 
-    def randomisation(spearman, ssim):
-        return pd.DataFrame({"step": [0] * 3 + [1] * 3, "layer": ["none"] * 3 + ["l0"] * 3,
+    def randomisation(spearman, ssim):  # three maskers, one image each
+        return pd.DataFrame({"step": [0] * 3 + [1] * 3, "layer": ["none"] * 3 + ["l0"] * 3, "replicate": [0, 1, 2] * 2,
                              "spearman": [1, 1, 1] + spearman, "ssim": [1, 1, 1] + ssim})
 
     per_seed = seeds(S3=around(20))
@@ -474,11 +478,25 @@ def test_sanity_rules_leak_randomisation_and_random_label():
         random_claim] == "not reproduced"
     assert verdicts(P.findings(None, per_seed, randomisation=randomisation([0.1, 0.5, 0.9], [0.2, 0.3, 0.25])))[
         random_claim] == "inconclusive"
+    one_masker = randomisation([0.1, 0.2, 0.3], [0.2, 0.3, 0.25]).assign(replicate=0)  # three images of one masker
+    assert verdicts(P.findings(None, per_seed, randomisation=one_masker))[random_claim] == "inconclusive"
     label_claim = "Sanity: a shuffled-label classifier yields worse masks (data randomisation)"
     assert verdicts(P.findings(None, per_seed, random_label={"summary": {"LE": 90.0}}))[label_claim] == "reproduced"
     assert verdicts(P.findings(None, per_seed, random_label={"summary": {"LE": 5.0}}))[label_claim] == "not reproduced"
     assert verdicts(P.findings(None, seeds(S3=[5.0, 20.0, 35.0]), random_label={"summary": {"LE": 22.0}}))[
         label_claim] == "inconclusive"
+
+
+def test_randomisation_interval_is_over_maskers_not_images():
+    """Two maskers of three images each: the unit is the masker (its images share its training run
+    and its randomisation draw), so the interval is Student's t over the two masker means."""
+    images = {"spearman": [0.10, 0.20, 0.30, 0.35, 0.40, 0.45], "ssim": [0.20, 0.20, 0.20, 0.30, 0.30, 0.30]}
+    table = pd.DataFrame({"step": 1, "layer": "l0", "replicate": [0, 0, 0, 1, 1, 1], **images})
+    row = next(r for r in P.findings(None, seeds(S3=around(20)), randomisation=table) if "cascading" in r["claim"])
+    means = np.array([0.2, 0.4])
+    half = stats.t.ppf(0.975, 1) * means.std(ddof=1) / np.sqrt(2)
+    assert f"spearman 0.30 [{0.3 - half:.2f}, {0.3 + half:.2f}], 95% t CI over 2 maskers" in row["uncertainty"]
+    assert row["n"] == "2 masker(s) × 3 test images" and row["verdict"] == "inconclusive"  # t(0.975, 1) = 12.7
 
 
 def test_every_finding_carries_n_and_uncertainty():

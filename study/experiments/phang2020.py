@@ -627,10 +627,11 @@ def leak_check(runs: dict, d: dict, seed: int) -> pd.DataFrame:  # runs: {(row, 
     return pd.DataFrame(rows)
 
 
-def randomisation_check(run, clf: dict, d: dict, s: dict) -> pd.DataFrame:
+def randomisation_check(run, clf: dict, d: dict, s: dict, seed: int | None = None) -> pd.DataFrame:
     """Cascading randomisation of the classifier under a trained masker (Adebayo et al.; card E7
-    sanity checks): layers fc, l4, …, l0 re-initialised top-down, masks compared with the
-    original masks by Spearman rank correlation and SSIM (window 5, as Phang et al.)."""
+    sanity checks): layers fc, l4, …, l0 re-initialised top-down (seeded by `seed`, default the data
+    seed), masks compared with the original masks by Spearman rank correlation and SSIM (window 5,
+    as Phang et al.)."""
     n = min(s["n_randomisation"], len(d["y_test"]))
     masker, spec = run.masker, run.spec
 
@@ -638,8 +639,17 @@ def randomisation_check(run, clf: dict, d: dict, s: dict) -> pd.DataFrame:
         return masking.predict_masks(masker, model, images, spec)[0]
 
     return metrics.cascading_randomisation(run.classifier, d["x_test"][:n], d["y_test"][:n], explain,
-                                           ["fc", "l4", "l3", "l2", "l1", "l0"], seed=d["seed"],
+                                           ["fc", "l4", "l3", "l2", "l1", "l0"], seed=d["seed"] if seed is None else seed,
                                            similarity=("spearman", "ssim"), ssim_window=5)
+
+
+def randomisation_checks(runs: dict, clf: dict, d: dict, s: dict, row: str = "S3") -> pd.DataFrame:
+    """`randomisation_check` for every trained masker of `row` (one per seed), each classifier
+    randomised with that masker's own seed; column `replicate` names the masker. The verdict's unit
+    is the masker: one masker's images share its training run and its randomisation draw."""
+    tables = [randomisation_check(run, clf, d, s, seed=masker_seed(d["seed"], replicate)).assign(replicate=replicate)
+              for (name, replicate), run in sorted(runs.items(), key=lambda item: item[0][1]) if name == row]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def random_label_control(d: dict, s: dict, lambda_tv: dict, device: str = "auto") -> dict:
@@ -1148,23 +1158,32 @@ def _claim_no_leak(leak: pd.DataFrame | None) -> dict:
 
 
 def _claim_randomisation(randomisation: pd.DataFrame | None) -> dict:
-    """Cascading randomisation (card E7 sanity checks). Statistic: per-image Spearman and SSIM
-    (window 5) between the masks of the fully randomised classifier and the original masks, each
-    mean with its 95% t interval over images; threshold `SIMILARITY_LEVEL`: a similarity passes when
-    its interval is wholly below it; Spearman and SSIM combine as `_two_parts`."""
+    """Cascading randomisation (card E7 sanity checks). Statistic: per masker (column `replicate`,
+    one per seed; a table without it is one masker), the mean over images of the Spearman and of the
+    SSIM (window 5) between the masks of the fully randomised classifier and the original masks;
+    each similarity's mean over maskers with its 95% t interval over maskers; threshold
+    `SIMILARITY_LEVEL`: a similarity passes when its interval is wholly below it (with one masker
+    there is no interval: inconclusive); Spearman and SSIM combine as `_two_parts`."""
     claim, paper = "Sanity: masks change when the classifier is randomised (cascading)", "n/a (sanity-check results not available)"
     if randomisation is None or randomisation.empty:
         return _not_tested(claim, paper, "randomisation check not run")
     last = randomisation[randomisation["step"] == randomisation["step"].max()]
+    per_masker = last.groupby(last["replicate"] if "replicate" in last else np.zeros(len(last)))[["spearman", "ssim"]].mean()
+    n_maskers = len(per_masker)
     parts, texts = [], []
     for column in ("spearman", "ssim"):
-        mean, low, high = mean_interval(last[column], method="t")
+        mean, low, high = mean_interval(per_masker[column], method="t")
+        if n_maskers < 2:
+            parts.append("inconclusive")
+            texts.append(f"{column} {mean:.2f}, one masker: no interval over maskers")
+            continue
         parts.append(interval_verdict(low, high, SIMILARITY_LEVEL, above=False))
-        texts.append(f"{column} " + describe_interval(mean, low, high, last[column].notna().sum(), "images"))
+        texts.append(f"{column} " + describe_interval(mean, low, high, n_maskers, "maskers"))
     return {"claim": claim, "paper": paper,
-            "this_run": f"fully randomised vs original masks: Spearman {last['spearman'].mean():.2f} ({parts[0]}), "
-                        f"SSIM {last['ssim'].mean():.2f} ({parts[1]}); rule: both < {SIMILARITY_LEVEL:g}",
-            "verdict": _two_parts(*parts), "n": f"{len(last)} test images",
+            "this_run": f"fully randomised vs original masks: Spearman {per_masker['spearman'].mean():.2f} ({parts[0]}), "
+                        f"SSIM {per_masker['ssim'].mean():.2f} ({parts[1]}), means over {n_maskers} masker(s); "
+                        f"rule: both < {SIMILARITY_LEVEL:g}",
+            "verdict": _two_parts(*parts), "n": f"{n_maskers} masker(s) × {len(last) // max(n_maskers, 1)} test images",
             "uncertainty": "; ".join(texts)}
 
 
