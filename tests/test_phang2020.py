@@ -189,6 +189,18 @@ def test_data_and_classifier_steps(smoke_run):
     assert set(smoke_run["clf"]["model"].channels) == {"l0", "l1", "l2", "l3", "l4"}
 
 
+def test_a_larger_test_split_retrains_nothing(smoke_run):
+    """The classifier and maskers train on the training split only, which does not depend on the
+    test size; their keys must not either (a new n_test used to retrain every model of 03)."""
+    d, s = smoke_run["d"], smoke_run["s"]
+    more = {**s, "n_test": s["n_test"] + 8}
+    bigger = P.load_data(more, 0)
+    assert torch.equal(bigger["x_train"], d["x_train"]) and len(bigger["y_test"]) == s["n_test"] + 8
+    assert P.classifier_params(bigger, more) == P.classifier_params(d, s)
+    assert P.train_classifier(bigger, more, device="cpu")["from_cache"]
+    assert P.classifier_params(d, {**s, "n_train": s["n_train"] + 8}) != P.classifier_params(d, s)
+
+
 def test_baselines_follow_the_card_invariants(smoke_run):
     table = smoke_run["table"].set_index("method")
     assert table.loc["ground truth", "LE"] == 0.0  # invariant 10
