@@ -6,8 +6,9 @@ A result is stored under `<CACHE_DIR>/<section>/<name>-<key>.<suffix>`, where th
 sha256 of the canonical JSON of (name, every parameter the step reads, the torch version). Each
 caller puts its own version number into the parameters and raises it when its code changes what
 it stores; models trained through `train.cached_fit` also carry the engine's and the data
-generators' versions (`train.model_key`), and data read from disk is named by `file_key`. Files are written to a temporary name in the same folder and renamed, so a killed run
-never leaves a half-written result under the final name and simply recomputes it on resume.
+generators' versions (`train.model_key`), and data read from disk is named by `file_key`. Files
+are written to a temporary name in the same folder and renamed, so a killed run never leaves a
+half-written result under the final name and simply recomputes it on resume.
 """
 from __future__ import annotations
 

@@ -1171,7 +1171,7 @@ def _claim_randomisation(randomisation: pd.DataFrame | None) -> dict:
     if randomisation is None or randomisation.empty:
         return _not_tested(claim, paper, "randomisation check not run")
     last = randomisation[randomisation["step"] == randomisation["step"].max()]
-    per_masker = last.groupby(last["replicate"] if "replicate" in last else np.zeros(len(last)))[["spearman", "ssim"]].mean()
+    per_masker = last.assign(replicate=last.get("replicate", 0)).groupby("replicate")[["spearman", "ssim"]].mean()
     n_maskers = len(per_masker)
     parts, texts = [], []
     for column in ("spearman", "ssim"):

@@ -60,7 +60,8 @@ def train_tour_model(profile: str, seed: int, dataset: str = "synth_objects_64",
         loader = data.make_loader(splits["train"], batch_size=64, shuffle=True, seed=seed)
         return train.fit(model, loader, epochs=s["epochs"], lr=1e-3, device=device)
 
-    result = train.cached_fit("tour_small_cnn", {"settings": s, "seed": seed, "dataset": dataset, "version": 1}, build, fit, device=device)
+    params = {"settings": s, "seed": seed, "dataset": dataset, "version": 1}
+    result = train.cached_fit("tour_small_cnn", params, build, fit, device=device)
     test_loader = data.make_loader(splits["test"], batch_size=256, shuffle=False, seed=seed)
     scores = train.evaluate(result.model, test_loader, device)
     return {"model": result.model, "splits": splits, "settings": s, "test": scores,

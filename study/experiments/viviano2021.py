@@ -347,7 +347,8 @@ def cache_params(method: str, s: dict, run_seed: int, dataset: str = SYNTHETIC, 
     hyper = HYPERPARAMETERS[dataset][method]
     data_key = None if dataset == SYNTHETIC else xray.setting_key(dataset, data_root, s["xray_size"], s["n_per_cell"],
                                                                   run_seed)
-    return {"dataset": dataset, "data_key": data_key, "method": method, "hyper": hyper.__dict__, "seed": run_seed, "flip_prob": flip_prob,
+    return {"dataset": dataset, "data_key": data_key, "method": method, "hyper": hyper.__dict__, "seed": run_seed,
+            "flip_prob": flip_prob,
             "width": s["width"], "epochs": s["epochs"], "burn_in": s["burn_in"], "batch_size": BATCH_SIZE,
             "sizes": [s["n_train"], s["n_valid"], s["n_test"]] if dataset == SYNTHETIC else [s["xray_size"], s["n_per_cell"]],
             "disc_hidden": s["disc_hidden"] if method == "adversarial" else None,
