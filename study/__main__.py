@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
     _add_parameter_option(robust_cmd, "another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
+    robust_cmd.add_argument("--record", action="store_true",
+                            help="keep the table as figures/<notebook>/robustness.csv (quick, default settings only) "
+                                 "and rewrite the findings report")
 
     commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
 
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = [int(part) for part in args.seeds.split(",")]
             except ValueError:
                 raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+            if args.record:  # refuse before hours of reruns, not after
+                robustness.check_recordable(args.profile, threads=args.threads, cpu_isa=args.cpu_isa,
+                                            parameters=_parameters(args.parameter))
             table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
                                                     args.workers, args.threads, args.output_dir, args.cpu_isa,
                                                     _parameters(args.parameter))
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"failed {outcome['point']}: {outcome['error']}", file=sys.stderr)
             if failed:
                 return 1
+            if args.record:
+                print(f"recorded: {robustness.record(table, args.notebook)}; verdict summary: {report.update_readme_summary()}")
         else:
             for name in args.notebooks:
                 print(f"refreshed {runner.refresh_notebook(name)}")

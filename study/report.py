@@ -1,4 +1,7 @@
-"""figures/findings.md: one section per notebook with its Findings table and links to its figures."""
+"""figures/findings.md: one section per notebook with its Findings table and links to its figures.
+
+Where `figures/<notebook>/robustness.csv` exists (`python -m study robustness NOTEBOOK --record`),
+each verdict gets its `stability`: in how many of the recorded seed sets it came out the same."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import config
+from study import config, robustness
 
 
 def _markdown_table(table: pd.DataFrame) -> str:
@@ -25,19 +28,28 @@ def _profiles(table: pd.DataFrame) -> str:
     return ", ".join(f"`{p}`" for p in profiles) or "—"
 
 
+SUMMARY_HEADER = "| notebook | profile | verdicts | same verdict in ≥ 4 of 5 seed sets |"
+
+
 def write_findings_report(figures_dir: Path | None = None) -> Path:
     """Collect every `<figures_dir>/<notebook>/findings.csv` into `<figures_dir>/findings.md`."""
     figures_dir = Path(figures_dir or config.FIGURES_DIR)
-    sections = ["# Findings\n", "Written by `make reproduce` from each notebook's `findings.csv`.\n"]
+    sections = ["# Findings\n", "Written by `make reproduce` from each notebook's `findings.csv`; `stability`: in how "
+                "many seed sets of the last recorded robustness run (`python -m study robustness NOTEBOOK "
+                "--record`) the committed verdict came out the same.\n"]
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
-        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} |")
+        record = folder / robustness.RECORD_FILE
+        recorded = pd.read_csv(record, keep_default_na=False) if record.is_file() else None
+        texts = robustness.stability(table, recorded)
+        table.insert(table.columns.get_loc("verdict") + 1, "stability", texts)
+        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(texts)} |")
         figures = " · ".join(f"[{png.stem}]({folder.name}/{png.name})" for png in sorted(folder.glob("*.png")))
         sections += [f"## {folder.name}\n", _markdown_table(table) + "\n", f"Figures: {figures or '—'}\n"]
     if not summary:
         raise ValueError(f"no findings.csv under {figures_dir}; run the notebooks first")
-    header = ["| notebook | profile | verdicts |", "|---|---|---|", *summary, ""]
+    header = [SUMMARY_HEADER, "|---|---|---|---|", *summary, ""]
     report = figures_dir / "findings.md"
     report.write_text("\n".join(sections[:2] + header + sections[2:]))
     return report
@@ -50,13 +62,13 @@ README_END = "<!-- end of verdict summary -->"
 def update_readme_summary(figures_dir: Path | None = None, readme: Path | None = None) -> Path:
     """Rewrite the README's verdict summary (between its two markers) from the findings report.
 
-    The summary is the report's own table (notebook | profile | verdict counts), so the README can
+    The summary is the report's own table (notebook | profile | verdict counts | stable claims), so the README can
     never disagree with `figures/findings.md`."""
     figures_dir = Path(figures_dir or config.FIGURES_DIR)
     readme = Path(readme or config.ROOT / "README.md")
     report = write_findings_report(figures_dir)
     lines = report.read_text().splitlines()
-    start = lines.index("| notebook | profile | verdicts |")
+    start = lines.index(SUMMARY_HEADER)
     end = lines.index("", start)
     text = readme.read_text()
     if README_START not in text or README_END not in text:

@@ -3,6 +3,10 @@
 A notebook's `seed` parameter seeds everything it draws (data, initial weights, batch order; a
 notebook that averages k seeds uses seed, seed + 1, …, seed + k − 1). The default seed sets are
 spaced 1000 apart so that no two reruns share a seed.
+
+`--record` keeps the agreement table of the committed configuration (`quick`, no other setting)
+as `figures/<notebook>/robustness.csv`; the findings report then shows, beside every committed
+verdict, in how many seed sets it came out the same (`stability`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pandas as pd
 from study import config, runner, sweep
 
 DEFAULT_SEEDS = (0, 1000, 2000, 3000, 4000)
+RECORD_FILE = "robustness.csv"
+NOT_MEASURED = "not measured"
 # Cap the instruction set of torch's own kernels (ATen) and of oneDNN's convolutions: other vector
 # widths sum in another order, as another machine's CPU does (checked: weights differ at 1e-8–1e-7).
 CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -120,3 +126,62 @@ def summary_line(table: pd.DataFrame, at_least: int) -> str:
     agreed = table["agree"].str.split("/").map(lambda kn: int(kn[0]))
     total = table["agree"].str.split("/").map(lambda kn: int(kn[1])).max()
     return f"{int((agreed >= at_least).sum())} of {len(table)} claims keep their verdict in ≥ {at_least} of {total} seed sets"
+
+
+def check_recordable(profile: str = "quick", *, threads: int | None = None, cpu_isa: str | None = None,
+                     parameters: dict | None = None) -> None:
+    """Only the committed configuration describes the committed verdicts: `quick`, torch's default
+    threads and instruction set, no other parameter. Anything else raises `runner.UsageError`."""
+    changed = [name for name, value in (("--threads", threads), ("--cpu-isa", cpu_isa), ("-p", parameters)) if value]
+    if profile != "quick" or changed:
+        raise runner.UsageError("--record keeps the seed sets of the committed configuration only (profile quick, "
+                                f"no {', '.join(changed) or 'other setting'}); got profile {profile}")
+
+
+def record(table: pd.DataFrame, notebook: str, figures_dir: Path | None = None) -> Path:
+    """Write an agreement table (`verdict_agreement` with the committed table, from the committed
+    configuration: `check_recordable`) to `<figures_dir>/<notebook stem>/robustness.csv`, the file
+    the findings report reads."""
+    if "committed" not in table.columns:
+        raise ValueError("the table has no committed verdicts to record against (figures/<notebook>/findings.csv at quick)")
+    seeds = [column for column in table.columns if column.startswith("seed ")]
+    if len(seeds) < 2:
+        raise ValueError(f"a record needs at least two seed sets, got {len(seeds)}")
+    path = Path(figures_dir or config.FIGURES_DIR) / runner.find_notebook(notebook).stem / RECORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.rename_axis("claim").reset_index()[["claim", *seeds, "most common", "agree", "committed"]].to_csv(path, index=False)
+    return path
+
+
+def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[str]:
+    """Per row of a findings table, the `stability` text of its verdict from a recorded agreement
+    table (`record`): 'k of n seed sets' give this verdict, plus the most common verdict where it
+    is another. `NOT_MEASURED` where the claim was not recorded, or was recorded against another
+    committed verdict (the findings changed since)."""
+    texts = []
+    rows = {} if recorded is None else {str(r["claim"]): r for _, r in recorded.iterrows()}
+    for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
+        row = rows.get(claim)
+        if row is None:
+            texts.append(NOT_MEASURED)
+            continue
+        if str(row["committed"]) != verdict:
+            texts.append(f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')")
+            continue
+        verdicts = [str(v) for key, v in row.items() if str(key).startswith("seed ") and str(v) not in ("", "nan")]
+        text = f"{sum(v == verdict for v in verdicts)} of {len(verdicts)} seed sets"
+        if row["most common"] != verdict:
+            text += f"; most common: {row['most common']} ({row['agree'].replace('/', ' of ')})"
+        texts.append(text)
+    return texts
+
+
+def stable_count(texts: list[str], at_least: float = 0.8) -> str:
+    """'8 of 10': of the measured claims (`stability` texts), how many gave their committed verdict
+    in ≥ `at_least` of the seed sets (4 of 5); '—' when none was measured."""
+    measured = [t for t in texts if not t.startswith(NOT_MEASURED)]
+    if not measured:
+        return "—"
+    shares = [int(t.split(" of ")[0]) / int(t.split(" of ")[1].split()[0]) for t in measured]
+    text = f"{sum(share >= at_least for share in shares)} of {len(measured)}"
+    return text + (f" ({len(texts) - len(measured)} not measured)" if len(measured) < len(texts) else "")

@@ -11,8 +11,8 @@ def test_findings_report_keeps_na_text_and_counts_verdicts(tmp_path):
     ], tmp_path / "01_x")
     (tmp_path / "01_x" / "plot.png").write_bytes(b"png")
     text = write_findings_report(tmp_path).read_text()
-    assert "| 01_x | — | 1 reproduced, 1 not reproduced |" in text
-    assert "| a | n/a | 0.5 | reproduced |" in text
+    assert "| 01_x | — | 1 reproduced, 1 not reproduced | — |" in text
+    assert "| a | n/a | 0.5 | reproduced | not measured |" in text
     assert "[plot](01_x/plot.png)" in text
 
 
@@ -36,10 +36,70 @@ def test_readme_summary_is_rewritten_from_the_report(tmp_path):
     update_readme_summary(tmp_path / "figs", readme)
     text = readme.read_text()
     assert "stale table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert "| 01_x | `quick` | 1 reproduced, 1 inconclusive |" in text
+    assert "| 01_x | `quick` | 1 reproduced, 1 inconclusive | — |" in text
     report = (tmp_path / "figs" / "findings.md").read_text()
-    assert "| claim | paper | this_run | verdict | profile | n | uncertainty |" in report
-    assert "| b | n/a | 0.1 | inconclusive | quick | 5 | t CI |" in report
+    assert "| claim | paper | this_run | verdict | stability | profile | n | uncertainty |" in report
+    assert "| b | n/a | 0.1 | inconclusive | not measured | quick | 5 | t CI |" in report
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme_summary(tmp_path / "figs", readme)
+
+
+def _recorded(committed: dict, verdicts_by_seed: dict):
+    """An agreement table as `python -m study robustness --record` writes it."""
+    import pandas as pd
+
+    from study.robustness import verdict_agreement
+    findings = pd.DataFrame([{"seed": seed, "claim": claim, "verdict": verdict}
+                             for seed, verdicts in verdicts_by_seed.items() for claim, verdict in verdicts.items()])
+    return verdict_agreement(findings, pd.DataFrame({"claim": list(committed), "verdict": list(committed.values())}))
+
+
+def test_the_report_shows_how_many_recorded_seed_sets_gave_each_committed_verdict(tmp_path, monkeypatch):
+    from study import config, robustness
+    figures = tmp_path / "figures"
+    findings_table([
+        {"claim": "a", "paper": "n/a", "this_run": "0.5", "verdict": "reproduced"},
+        {"claim": "b", "paper": "n/a", "this_run": "0.1", "verdict": "reproduced"},
+        {"claim": "c", "paper": "n/a", "this_run": "0.2", "verdict": "inconclusive"},
+        {"claim": "new", "paper": "n/a", "this_run": "0.3", "verdict": "reproduced"},
+    ], figures / "00_tour", profile="quick")
+    by_seed = {0: {"a": "reproduced", "b": "reproduced", "c": "reproduced"},
+               1: {"a": "reproduced", "b": "inconclusive", "c": "reproduced"},
+               2: {"a": "reproduced", "b": "inconclusive", "c": "reproduced"},
+               3: {"a": "reproduced", "b": "inconclusive", "c": "reproduced"},
+               4: {"a": "inconclusive", "b": "reproduced", "c": "reproduced"}}
+    # c was recorded when its committed verdict was 'reproduced'; it now reads 'inconclusive'
+    table = _recorded({"a": "reproduced", "b": "reproduced", "c": "reproduced"}, by_seed)
+    monkeypatch.setattr(config, "FIGURES_DIR", figures)
+    path = robustness.record(table, "00_tour")
+    assert path == figures / "00_tour" / "robustness.csv"
+    report = write_findings_report(figures).read_text()
+    assert "| a | n/a | 0.5 | reproduced | 4 of 5 seed sets | quick |" in report
+    assert "| b | n/a | 0.1 | reproduced | 2 of 5 seed sets; most common: inconclusive (3 of 5) | quick |" in report
+    assert "| c | n/a | 0.2 | inconclusive | not measured (recorded against the verdict 'reproduced') | quick |" in report
+    assert "| new | n/a | 0.3 | reproduced | not measured | quick |" in report
+    assert "| 00_tour | `quick` | 3 reproduced, 1 inconclusive | 1 of 2 (2 not measured) |" in report
+    # one more seed set agreeing on b makes it stable, and the summary count follows
+    by_seed[1]["b"] = "reproduced"
+    robustness.record(_recorded({"a": "reproduced", "b": "reproduced", "c": "reproduced"}, by_seed), "00_tour")
+    report = write_findings_report(figures).read_text()
+    assert "| b | n/a | 0.1 | reproduced | 3 of 5 seed sets |" in report
+    by_seed[2]["b"] = "reproduced"
+    robustness.record(_recorded({"a": "reproduced", "b": "reproduced", "c": "reproduced"}, by_seed), "00_tour")
+    assert "| 3 reproduced, 1 inconclusive | 2 of 2 (2 not measured) |" in write_findings_report(figures).read_text()
+
+
+def test_only_the_committed_configuration_can_be_recorded(tmp_path):
+    from study import robustness, runner
+    robustness.check_recordable("quick")
+    for options in ({"threads": 1}, {"cpu_isa": "avx2"}, {"parameters": {"n_models": 5}}):
+        with pytest.raises(runner.UsageError, match="committed configuration"):
+            robustness.check_recordable("quick", **options)
+    with pytest.raises(runner.UsageError, match="got profile smoke"):
+        robustness.check_recordable("smoke")
+    one_seed = _recorded({"a": "reproduced"}, {0: {"a": "reproduced"}})
+    with pytest.raises(ValueError, match="at least two seed sets"):
+        robustness.record(one_seed, "00_tour", tmp_path)
+    with pytest.raises(ValueError, match="no committed verdicts"):
+        robustness.record(one_seed.drop(columns=["committed"]), "00_tour", tmp_path)

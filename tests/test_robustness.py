@@ -86,3 +86,10 @@ def test_cpu_isa_rerun_retrains_in_its_own_cache_and_restores_the_environment(tm
     refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--cpu-isa", "mmx"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "--cpu-isa" in refused.stderr
+
+
+def test_record_is_refused_outside_the_committed_configuration_before_anything_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke", "--seeds", "0,7",
+                           "--record", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "committed configuration" in done.stderr
+    assert not any(tmp_path.iterdir())  # refused before any seed set ran
