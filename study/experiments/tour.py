@@ -15,6 +15,9 @@ from study.models import SmallCNN
 
 GALLERY_DATASETS = ("synth_cifar", "synth_objects_64", "synth_parts_64", "synth_voc_64", "synth_birds_100")
 TOUR_METHODS = {"gradient": {}, "integrated_gradients": {"steps": 32}, "gradcam": {"layer": "conv3"}}
+# the settings the training reads: the model's cache key holds these, so that a larger test split
+# or more scored images retrain nothing
+TRAINING_SETTINGS = ("n_train", "image_size", "width", "epochs")
 
 
 def dataset_gallery(seed: int, per_dataset: int = 4) -> tuple[plt.Figure, pd.DataFrame]:
@@ -60,7 +63,7 @@ def train_tour_model(profile: str, seed: int, dataset: str = "synth_objects_64",
         loader = data.make_loader(splits["train"], batch_size=64, shuffle=True, seed=seed)
         return train.fit(model, loader, epochs=s["epochs"], lr=1e-3, device=device)
 
-    params = {"settings": s, "seed": seed, "dataset": dataset, "version": 1}
+    params = {"training": {k: s[k] for k in TRAINING_SETTINGS}, "seed": seed, "dataset": dataset, "version": 2}
     result = train.cached_fit("tour_small_cnn", params, build, fit, device=device)
     test_loader = data.make_loader(splits["test"], batch_size=256, shuffle=False, seed=seed)
     scores = train.evaluate(result.model, test_loader, device)
