@@ -185,3 +185,13 @@ def stable_count(texts: list[str], at_least: float = 0.8) -> str:
     shares = [int(t.split(" of ")[0]) / int(t.split(" of ")[1].split()[0]) for t in measured]
     text = f"{sum(share >= at_least for share in shares)} of {len(measured)}"
     return text + (f" ({len(texts) - len(measured)} not measured)" if len(measured) < len(texts) else "")
+
+
+def committed_summary(table: pd.DataFrame) -> str | None:
+    """'9 of 12 committed verdicts come out the same in ≥ 80% of the seed sets' (what the findings
+    report counts), or None without committed verdicts."""
+    if "committed" not in table.columns:
+        return None
+    recorded = table.rename_axis("claim").reset_index()
+    texts = stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
+    return f"{stable_count(texts)} committed verdicts come out the same in ≥ 80% of the seed sets"

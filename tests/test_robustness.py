@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from study.robustness import summary_line, verdict_agreement
+from study.robustness import committed_summary, summary_line, verdict_agreement
 
 
 def _findings(verdicts_by_seed):
@@ -30,6 +30,8 @@ def test_agreement_counts_the_most_common_verdict_and_compares_with_the_committe
     assert table.loc["A", "seed 3"] == "not reproduced"
     assert bool(table.loc["A", "same as committed"])
     assert summary_line(table, 4) == "1 of 2 claims keep their verdict in ≥ 4 of 5 seed sets"
+    assert committed_summary(table) == "1 of 2 committed verdicts come out the same in ≥ 80% of the seed sets"
+    assert committed_summary(verdict_agreement(findings)) is None
     # all five agree on B → both claims pass the ≥ 4 of 5 target
     stable = findings.assign(verdict=lambda f: f["verdict"].where(f["claim"] == "A", "reproduced"))
     assert summary_line(verdict_agreement(stable), 4) == "2 of 2 claims keep their verdict in ≥ 4 of 5 seed sets"
