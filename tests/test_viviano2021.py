@@ -546,3 +546,13 @@ def test_load_setting_on_a_fixture_in_the_real_layout(setting, tmp_path, monkeyp
         assert xray.ellipse_mask(100).mean() == pytest.approx(np.pi / 2.5**2, abs=0.01)  # about half the image
     with pytest.raises(FileNotFoundError, match="layout"):
         xray.load_setting(setting, data_root=tmp_path / "nowhere", size=16, n_per_cell=4)
+
+
+def test_a_larger_test_split_keeps_the_training_data_and_the_model_key(smoke):
+    small = data.crosses_splits(0, n_train=smoke["n_train"], n_valid=smoke["n_valid"], n_test=smoke["n_test"])
+    large = data.crosses_splits(0, n_train=smoke["n_train"], n_valid=smoke["n_valid"], n_test=smoke["n_test"] + 20)
+    for split in ("train", "valid"):
+        assert all(np.array_equal(small[split][k], large[split][k]) for k in small[split])
+    assert v.cache_params("baseline", {**smoke, "n_test": smoke["n_test"] + 20}, 0) == v.cache_params("baseline", smoke, 0)
+    assert v.cache_params("baseline", {**smoke, "n_train": smoke["n_train"] + 2}, 0) != v.cache_params("baseline", smoke, 0)
+    assert v.cache_params("baseline", {**smoke, "n_valid": smoke["n_valid"] + 2}, 0) != v.cache_params("baseline", smoke, 0)
