@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -106,7 +105,7 @@ def robustness(
         raise runner.UsageError(f"{sorted(fixed)} are set by --profile and --seeds, not as parameters")
     name = (f"robustness-{path.stem}-{profile}" + (f"-threads{threads}" if threads else "")
             + (f"-{cpu_isa}" if cpu_isa else "")
-            + "".join(f"-{key}{re.sub(r'[^A-Za-z0-9.]+', '_', str(value))}" for key, value in sorted(parameters.items())))
+            + (f"-{sweep.point_name(dict(sorted(parameters.items())))}" if parameters else ""))
     updates = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **CPU_ISA_ENV.get(cpu_isa, {})}
     if updates:
         updates["STUDY_CACHE_DIR"] = str((Path(runs_dir or config.RUNS_DIR) / name / "cache").resolve())

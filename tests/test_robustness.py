@@ -58,7 +58,7 @@ def test_robustness_cli_passes_other_parameters_and_names_the_folder_by_them(tmp
                            "--seeds", "0", "-p", "epochs", "1", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    folder = tmp_path / "robustness-00_tour-smoke-epochs1"
+    folder = tmp_path / "robustness-00_tour-smoke-epochs=1"
     findings = pd.read_csv(folder / "findings.csv")
     assert (findings["epochs"] == 1).all() and (findings["seed"] == 0).all()
     refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "-p", "seed", "3"],
