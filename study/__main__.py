@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             with pd.option_context("display.max_colwidth", 70, "display.width", 250):
                 print(table.to_string())
             print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))
-            if robustness.committed_summary(table):
-                print(robustness.committed_summary(table))
+            committed = robustness.committed_summary(table)
+            if committed:
+                print(committed)
             failed = [o for o in outcomes if o["status"] == "failed"]
             for outcome in failed:
                 print(f"failed {outcome['point']}: {outcome['error']}", file=sys.stderr)

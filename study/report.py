@@ -42,9 +42,9 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
         record = folder / robustness.RECORD_FILE
         recorded = pd.read_csv(record, keep_default_na=False) if record.is_file() else None
-        texts = robustness.stability(table, recorded)
-        table.insert(table.columns.get_loc("verdict") + 1, "stability", texts)
-        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(texts)} |")
+        stabilities = robustness.stability(table, recorded)
+        table.insert(table.columns.get_loc("verdict") + 1, "stability", [text for text, _ in stabilities])
+        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(stabilities)} |")
         figures = " · ".join(f"[{png.stem}]({folder.name}/{png.name})" for png in sorted(folder.glob("*.png")))
         sections += [f"## {folder.name}\n", _markdown_table(table) + "\n", f"Figures: {figures or '—'}\n"]
     if not summary:

@@ -152,38 +152,38 @@ def record(table: pd.DataFrame, notebook: str, figures_dir: Path | None = None) 
     return path
 
 
-def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[str]:
-    """Per row of a findings table, the `stability` text of its verdict from a recorded agreement
-    table (`record`): 'k of n seed sets' give this verdict, plus the most common verdict where it
-    is another. `NOT_MEASURED` where the claim was not recorded, or was recorded against another
-    committed verdict (the findings changed since)."""
-    texts = []
+def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[tuple[str, float | None]]:
+    """Per row of a findings table, (the `stability` text of its verdict, the share of seed sets
+    that gave it) from a recorded agreement table (`record`): the text is 'k of n seed sets', plus
+    the most common verdict where it is another; `NOT_MEASURED` (share None) where the claim was not
+    recorded, or was recorded against another committed verdict (the findings changed since)."""
     rows = {} if recorded is None else {str(r["claim"]): r for _, r in recorded.iterrows()}
+    result = []
     for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
         row = rows.get(claim)
         if row is None:
-            texts.append(NOT_MEASURED)
+            result.append((NOT_MEASURED, None))
             continue
         if str(row["committed"]) != verdict:
-            texts.append(f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')")
+            result.append((f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')", None))
             continue
         verdicts = [str(v) for key, v in row.items() if str(key).startswith("seed ") and str(v) not in ("", "nan")]
-        text = f"{sum(v == verdict for v in verdicts)} of {len(verdicts)} seed sets"
+        same = sum(v == verdict for v in verdicts)
+        text = f"{same} of {len(verdicts)} seed sets"
         if row["most common"] != verdict:
             text += f"; most common: {row['most common']} ({row['agree'].replace('/', ' of ')})"
-        texts.append(text)
-    return texts
+        result.append((text, same / len(verdicts)))
+    return result
 
 
-def stable_count(texts: list[str], at_least: float = 0.8) -> str:
-    """'8 of 10': of the measured claims (`stability` texts), how many gave their committed verdict
-    in ≥ `at_least` of the seed sets (4 of 5); '—' when none was measured."""
-    measured = [t for t in texts if not t.startswith(NOT_MEASURED)]
-    if not measured:
+def stable_count(stabilities: list[tuple[str, float | None]], at_least: float = 0.8) -> str:
+    """'8 of 10': of the measured claims (`stability`), how many gave their committed verdict in
+    ≥ `at_least` of the seed sets (4 of 5); '—' when none was measured."""
+    shares = [share for _, share in stabilities if share is not None]
+    if not shares:
         return "—"
-    shares = [int(t.split(" of ")[0]) / int(t.split(" of ")[1].split()[0]) for t in measured]
-    text = f"{sum(share >= at_least for share in shares)} of {len(measured)}"
-    return text + (f" ({len(texts) - len(measured)} not measured)" if len(measured) < len(texts) else "")
+    text = f"{sum(share >= at_least for share in shares)} of {len(shares)}"
+    return text + (f" ({len(stabilities) - len(shares)} not measured)" if len(shares) < len(stabilities) else "")
 
 
 def committed_summary(table: pd.DataFrame) -> str | None:
@@ -192,5 +192,5 @@ def committed_summary(table: pd.DataFrame) -> str | None:
     if "committed" not in table.columns:
         return None
     recorded = table.rename_axis("claim").reset_index()
-    texts = stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
-    return f"{stable_count(texts)} committed verdicts come out the same in ≥ 80% of the seed sets"
+    stabilities = stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
+    return f"{stable_count(stabilities)} committed verdicts come out the same in ≥ 80% of the seed sets"
