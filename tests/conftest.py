@@ -32,3 +32,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*args) -> (exit code, stderr): `python -m study ARGS` in this process, for usage errors
+    that stop before anything runs (a subprocess would spend its seconds importing torch)."""
+    from study.__main__ import main
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's own usage errors
+            code = stop.code
+        return code, capsys.readouterr().err
+
+    return run

@@ -53,7 +53,7 @@ def test_robustness_cli_reruns_the_tour_at_smoke(tmp_path):
     assert (tmp_path / "robustness-00_tour-smoke" / "findings.csv").is_file()
 
 
-def test_robustness_cli_passes_other_parameters_and_names_the_folder_by_them(tmp_path):
+def test_robustness_cli_passes_other_parameters_and_names_the_folder_by_them(tmp_path, cli):
     done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke",
                            "--seeds", "0", "-p", "epochs", "1", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True)
@@ -61,18 +61,16 @@ def test_robustness_cli_passes_other_parameters_and_names_the_folder_by_them(tmp
     folder = tmp_path / "robustness-00_tour-smoke-epochs=1"
     findings = pd.read_csv(folder / "findings.csv")
     assert (findings["epochs"] == 1).all() and (findings["seed"] == 0).all()
-    refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "-p", "seed", "3"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and "set by --profile and --seeds" in refused.stderr
+    code, stderr = cli("robustness", "00_tour", "-p", "seed", "3")
+    assert code == 2 and "set by --profile and --seeds" in stderr
 
 
-def test_robustness_cli_rejects_bad_seeds():
-    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--seeds", "a,b"],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "--seeds takes comma-separated integers" in done.stderr
+def test_robustness_cli_rejects_bad_seeds(cli):
+    code, stderr = cli("robustness", "00_tour", "--seeds", "a,b")
+    assert code == 2 and "--seeds takes comma-separated integers" in stderr
 
 
-def test_cpu_isa_rerun_retrains_in_its_own_cache_and_restores_the_environment(tmp_path, monkeypatch):
+def test_cpu_isa_rerun_retrains_in_its_own_cache_and_restores_the_environment(tmp_path, monkeypatch, cli):
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke",
                            "--seeds", "0", "--cpu-isa", "avx2", "--output-dir", str(tmp_path)],
@@ -85,13 +83,12 @@ def test_cpu_isa_rerun_retrains_in_its_own_cache_and_restores_the_environment(tm
     with robustness._environment(robustness.CPU_ISA_ENV["avx2"]):
         assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
     assert "ATEN_CPU_CAPABILITY" not in os.environ
-    refused = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--cpu-isa", "mmx"],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2 and "--cpu-isa" in refused.stderr
+    code, stderr = cli("robustness", "00_tour", "--cpu-isa", "mmx")
+    assert code == 2 and "--cpu-isa" in stderr
 
 
-def test_record_is_refused_outside_the_committed_configuration_before_anything_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "study", "robustness", "00_tour", "--profile", "smoke", "--seeds", "0,7",
-                           "--record", "--output-dir", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 2 and "committed configuration" in done.stderr
+def test_record_is_refused_outside_the_committed_configuration_before_anything_runs(tmp_path, cli):
+    code, stderr = cli("robustness", "00_tour", "--profile", "smoke", "--seeds", "0,7", "--record",
+                       "--output-dir", str(tmp_path))
+    assert code == 2 and "committed configuration" in stderr
     assert not any(tmp_path.iterdir())  # refused before any seed set ran

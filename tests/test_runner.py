@@ -38,10 +38,16 @@ def test_smoke_run_of_the_tour(tmp_path):
     (["reproduce", "--profile", "huge"], "unknown profile"),
     (["reproduce", "--profile", "smoke", "--only", "nope"], "unknown notebook"),
 ])
-def test_usage_errors_exit_2_and_write_nothing(tmp_path, args, message):
-    done = _study(*args, "--output-dir", str(tmp_path / "out"))
-    assert done.returncode == 2
-    assert message in done.stderr
+def test_usage_errors_exit_2_and_write_nothing(tmp_path, cli, args, message):
+    code, stderr = cli(*args, "--output-dir", str(tmp_path / "out"))
+    assert code == 2
+    assert message in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_usage_error_exits_2_from_the_shell(tmp_path):
+    done = _study("run", "00_tour", "-p", "profile", "huge", "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 2 and "unknown profile" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
