@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -144,7 +145,10 @@ def main() -> None:
             {"what": "plain loop, 2 processes × 1 thread (ideal split)", "seconds": plain_1x2}]
     if not ARGS.skip_notebook:
         start = time.perf_counter()
-        runs, _ = v4.train_all(v4.SYNTHETIC, s, 0, device="cpu")
+        try:
+            runs, _ = v4.train_all(v4.SYNTHETIC, s, 0, device="cpu")
+        finally:
+            shutil.rmtree(os.environ["STUDY_CACHE_DIR"], ignore_errors=True)
         rows.append({"what": f"notebook 04 train_all, cold ({len(runs)} runs)", "seconds": time.perf_counter() - start})
     summary = pd.DataFrame(rows)
     summary["plain (one process) / this"] = plain_2 / summary["seconds"]
