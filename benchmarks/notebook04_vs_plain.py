@@ -72,15 +72,9 @@ def plain_ms_per_batch(method: str, arrays: dict, s: dict, steps: int, warmup: i
     optimizer = torch.optim.Adam(model.parameters(), lr=hyper.lr)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
-    extra = {"gradmask": losses.gradmask_extra_loss, "rrr": losses.rrr_extra_loss,
-             "rrr_trainable": losses.rrr_extra_loss}.get(method)
-    extra = extra(hyper.lam) if extra else None
+    extra = v4.input_gradient_extra_loss(method, hyper.lam)
     actdiff = losses.ActDiffExtraLoss(model, hyper.lam, seed=seed) if method == "actdiff" else None
-    schedule = None
-    if method == "adversarial":
-        disc = losses.FeatureDiscriminator(model.feature_dim, hidden=s["disc_hidden"])
-        schedule = losses.AdversarialSchedule(disc, torch.optim.Adam(disc.parameters(), lr=hyper.disc_lr),
-                                              lam=hyper.lam, disc_iter=hyper.disc_iter)
+    schedule = v4.adversarial_schedule(model, hyper, s["disc_hidden"]) if method == "adversarial" else None
 
     def one(i: int) -> None:
         start = (i * v4.BATCH_SIZE) % len(labels)

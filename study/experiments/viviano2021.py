@@ -317,6 +317,19 @@ def adversarial_step(model: SmallResNet18, optimizer: torch.optim.Optimizer, sch
     return loss.detach()
 
 
+def adversarial_schedule(model: SmallResNet18, hyper: Hyper, disc_hidden: int, device="cpu") -> losses.AdversarialSchedule:
+    """The adversarial method's discriminator on the model's pooled features, its Adam and the Q2 gating."""
+    disc = losses.FeatureDiscriminator(model.feature_dim, hidden=disc_hidden).to(device)
+    return losses.AdversarialSchedule(disc, torch.optim.Adam(disc.parameters(), lr=hyper.disc_lr),
+                                      lam=hyper.lam, disc_iter=hyper.disc_iter)
+
+
+def input_gradient_extra_loss(method: str, lam: float):
+    """`fit`'s extra_loss of an input-gradient method (GradMask, RRR, RRR trainable); None for the others."""
+    loss = {"gradmask": losses.gradmask_extra_loss, "rrr": losses.rrr_extra_loss}.get(_INPUT_GRADIENT_LOSS.get(method))
+    return loss(lam) if loss else None
+
+
 def fit_adversarial(model: SmallResNet18, train_loader, *, epochs: int, lr: float, hyper: Hyper, valid_loader,
                     burn_in: int, seed: int, disc_hidden: int = 1024, device="auto") -> train.FitResult:
     """The adversarial method: `train.fit` with `adversarial_step` as its step and `fit`'s
@@ -324,9 +337,7 @@ def fit_adversarial(model: SmallResNet18, train_loader, *, epochs: int, lr: floa
     (`encoder_steps`); their train_loss is the mean CE + L_G over the batches of those steps."""
     device = config.get_device(device)
     generator = torch.Generator().manual_seed(seed)
-    disc = losses.FeatureDiscriminator(model.feature_dim, hidden=disc_hidden).to(device)
-    schedule = losses.AdversarialSchedule(disc, torch.optim.Adam(disc.parameters(), lr=hyper.disc_lr),
-                                          lam=hyper.lam, disc_iter=hyper.disc_iter)
+    schedule = adversarial_schedule(model, hyper, disc_hidden, device)
     encoder_steps = []
 
     def step(m: SmallResNet18, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
@@ -503,9 +514,7 @@ def train_method(method: str, splits: dict, s: dict, run_seed: int, dataset: str
         if method == "actdiff":
             with losses.ActDiffExtraLoss(model, hyper.lam, actdiff_apply_lambda, seed=run_seed) as extra:
                 return train.fit(model, loader, lr=hyper.lr, extra_loss=extra, select="valid_loss", **common)
-        extra = {"gradmask": losses.gradmask_extra_loss, "rrr": losses.rrr_extra_loss,
-                 "rrr_trainable": losses.rrr_extra_loss}.get(method)
-        return train.fit(model, loader, lr=hyper.lr, extra_loss=extra(hyper.lam) if extra else None,
+        return train.fit(model, loader, lr=hyper.lr, extra_loss=input_gradient_extra_loss(method, hyper.lam),
                          select="valid_loss", **common)
 
     params = cache_params(method, s, run_seed, dataset, flip_prob, actdiff_apply_lambda, skip_empty_masks, data_root)
