@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
     _add_parameter_option(robust_cmd, "another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
     robust_cmd.add_argument("--record", action="store_true",
-                            help="keep the table as figures/<notebook>/robustness.csv (quick, default settings only) "
-                                 "and rewrite the findings report")
+                            help="keep the table as figures/<notebook>/robustness.csv (quick, no -p; with --threads or "
+                                 "--cpu-isa and seed 0: robustness-<variant>.csv) and rewrite the findings report")
 
     commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
             if args.record:  # refuse before hours of reruns, not after
                 robustness.check_recordable(args.profile, threads=args.threads, cpu_isa=args.cpu_isa,
-                                            parameters=_parameters(args.parameter))
+                                            parameters=_parameters(args.parameter), seeds=seeds)
             table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
                                                     args.workers, args.threads, args.output_dir, args.cpu_isa,
                                                     _parameters(args.parameter))
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 return 1
             if args.record:
-                print(f"recorded: {robustness.record(table, args.notebook)}; verdict summary: {report.update_readme_summary()}")
+                path = robustness.record(table, args.notebook, variant=robustness.variant_name(args.threads, args.cpu_isa))
+                print(f"recorded: {path}; verdict summary: {report.update_readme_summary()}")
         else:
             for name in args.notebooks:
                 print(f"refreshed {runner.refresh_notebook(name)}")

@@ -1,7 +1,9 @@
 """figures/findings.md: one section per notebook with its Findings table and links to its figures.
 
 Where `figures/<notebook>/robustness.csv` exists (`python -m study robustness NOTEBOOK --record`),
-each verdict gets its `stability`: in how many of the recorded seed sets it came out the same."""
+each verdict gets its `stability`: in how many of the recorded seed sets it came out the same. Each
+machine record beside it (`robustness-avx2.csv`: `--record --cpu-isa avx2 --seeds 0`) adds whether
+the committed seed gave the same verdict under that arithmetic."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def _profiles(table: pd.DataFrame) -> str:
     return ", ".join(f"`{p}`" for p in profiles) or "—"
 
 
-SUMMARY_HEADER = "| notebook | profile | verdicts | same verdict in ≥ 4 of 5 seed sets |"
+SUMMARY_HEADER = ("| notebook | profile | verdicts | same verdict in ≥ 4 of 5 seed sets "
+                  "| same verdict under other arithmetic (seed 0) |")
 
 
 def write_findings_report(figures_dir: Path | None = None) -> Path:
@@ -36,20 +39,29 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
     figures_dir = Path(figures_dir or config.FIGURES_DIR)
     sections = ["# Findings\n", "Written by `make reproduce` from each notebook's `findings.csv`; `stability`: in how "
                 "many seed sets of the last recorded robustness run (`python -m study robustness NOTEBOOK "
-                "--record`) the committed verdict came out the same.\n"]
+                "--record`) the committed verdict came out the same, and whether seed 0 gave it under another "
+                "machine's arithmetic where that was recorded (`--record --seeds 0 --cpu-isa avx2`).\n"]
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
         record = folder / robustness.RECORD_FILE
         recorded = pd.read_csv(record, keep_default_na=False) if record.is_file() else None
         stabilities = robustness.stability(table, recorded)
-        table.insert(table.columns.get_loc("verdict") + 1, "stability", [text for text, _ in stabilities])
-        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(stabilities)} |")
+        texts = [text for text, _ in stabilities]
+        machines = []
+        for variant, machine_record in robustness.machine_records(folder).items():
+            label = robustness.variant_label(variant)
+            outcomes = robustness.machine_stability(table, machine_record)
+            texts = [f"{text}; {label}, seed 0: {outcome}" for text, (outcome, _) in zip(texts, outcomes)]
+            machines.append(f"{label}: {robustness.machine_count(outcomes)}")
+        table.insert(table.columns.get_loc("verdict") + 1, "stability", texts)
+        summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(stabilities)} "
+                       f"| {'; '.join(machines) or '—'} |")
         figures = " · ".join(f"[{png.stem}]({folder.name}/{png.name})" for png in sorted(folder.glob("*.png")))
         sections += [f"## {folder.name}\n", _markdown_table(table) + "\n", f"Figures: {figures or '—'}\n"]
     if not summary:
         raise ValueError(f"no findings.csv under {figures_dir}; run the notebooks first")
-    header = [SUMMARY_HEADER, "|---|---|---|---|", *summary, ""]
+    header = [SUMMARY_HEADER, "|---|---|---|---|---|", *summary, ""]
     report = figures_dir / "findings.md"
     report.write_text("\n".join(sections[:2] + header + sections[2:]))
     return report

@@ -6,7 +6,10 @@ spaced 1000 apart so that no two reruns share a seed.
 
 `--record` keeps the agreement table of the committed configuration (`quick`, no other setting)
 as `figures/<notebook>/robustness.csv`; the findings report then shows, beside every committed
-verdict, in how many seed sets it came out the same (`stability`).
+verdict, in how many seed sets it came out the same (`stability`). With `--threads` or `--cpu-isa`
+(another machine's arithmetic) and the committed seed among the seed sets, `--record` keeps the table
+as `figures/<notebook>/robustness-<variant>.csv` (e.g. `robustness-avx2.csv`), and the report adds
+whether the committed seed gave the committed verdict under that arithmetic.
 """
 
 from __future__ import annotations
@@ -20,12 +23,38 @@ import pandas as pd
 from study import config, runner, sweep
 
 DEFAULT_SEEDS = (0, 1000, 2000, 3000, 4000)
+COMMITTED_SEED = 0  # every notebook's default `seed`: the one its committed findings come from
 RECORD_FILE = "robustness.csv"
 NOT_MEASURED = "not measured"
 # Cap the instruction set of torch's own kernels (ATen) and of oneDNN's convolutions: other vector
 # widths sum in another order, as another machine's CPU does (checked: weights differ at 1e-8–1e-7).
 CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
                "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
+
+
+def variant_name(threads: int | None = None, cpu_isa: str | None = None) -> str:
+    """'' for the default arithmetic, else e.g. 'threads1', 'avx2' or 'threads1-avx2': it names the
+    rerun folder and the record file (`record_path`)."""
+    return "-".join(part for part in (f"threads{threads}" if threads else "", cpu_isa or "") if part)
+
+
+def variant_label(variant: str) -> str:
+    """'avx2' -> 'AVX2', 'threads1-sse41' -> '1 thread, SSE4.1': how the findings report names it."""
+    labels = {"avx2": "AVX2", "sse41": "SSE4.1"}
+    parts = []
+    for part in variant.split("-"):
+        if part.startswith("threads"):
+            count = int(part.removeprefix("threads"))
+            parts.append(f"{count} thread" + ("s" if count > 1 else ""))
+        else:
+            parts.append(labels.get(part, part))
+    return ", ".join(parts)
+
+
+def record_path(notebook_stem: str, variant: str = "", figures_dir: Path | None = None) -> Path:
+    """`<figures_dir>/<notebook>/robustness.csv`, or `robustness-<variant>.csv` for other arithmetic."""
+    name = RECORD_FILE if not variant else f"{Path(RECORD_FILE).stem}-{variant}.csv"
+    return Path(figures_dir or config.FIGURES_DIR) / notebook_stem / name
 
 
 @contextlib.contextmanager
@@ -103,8 +132,8 @@ def robustness(
     fixed = {"profile", "seed"} & set(parameters)
     if fixed:
         raise runner.UsageError(f"{sorted(fixed)} are set by --profile and --seeds, not as parameters")
-    name = (f"robustness-{path.stem}-{profile}" + (f"-threads{threads}" if threads else "")
-            + (f"-{cpu_isa}" if cpu_isa else "")
+    variant = variant_name(threads, cpu_isa)
+    name = (f"robustness-{path.stem}-{profile}" + (f"-{variant}" if variant else "")
             + (f"-{sweep.point_name(dict(sorted(parameters.items())))}" if parameters else ""))
     updates = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **CPU_ISA_ENV.get(cpu_isa, {})}
     if updates:
@@ -128,28 +157,73 @@ def summary_line(table: pd.DataFrame, at_least: int) -> str:
 
 
 def check_recordable(profile: str = "quick", *, threads: int | None = None, cpu_isa: str | None = None,
-                     parameters: dict | None = None) -> None:
-    """Only the committed configuration describes the committed verdicts: `quick`, torch's default
-    threads and instruction set, no other parameter. Anything else raises `runner.UsageError`."""
-    changed = [name for name, value in (("--threads", threads), ("--cpu-isa", cpu_isa), ("-p", parameters)) if value]
-    if profile != "quick" or changed:
+                     parameters: dict | None = None, seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS) -> None:
+    """Only the committed configuration describes the committed verdicts: `quick`, no other
+    parameter. With the default arithmetic a record is a seed record (at least two seed sets); with
+    `threads` or `cpu_isa` it is a machine record, which needs the committed seed (`COMMITTED_SEED`).
+    Anything else raises `runner.UsageError`."""
+    if profile != "quick" or parameters:
         raise runner.UsageError("--record keeps the seed sets of the committed configuration only (profile quick, "
-                                f"no {', '.join(changed) or 'other setting'}); got profile {profile}")
+                                f"no {'-p' if parameters else 'other setting'}); got profile {profile}")
+    if variant_name(threads, cpu_isa) and COMMITTED_SEED not in seeds:
+        raise runner.UsageError(f"--record with --threads or --cpu-isa compares the committed seed under other "
+                                f"arithmetic: --seeds must include {COMMITTED_SEED}")
+    if not variant_name(threads, cpu_isa) and len(set(seeds)) < 2:
+        raise runner.UsageError("--record needs at least two seed sets (or --threads / --cpu-isa for a machine record)")
 
 
-def record(table: pd.DataFrame, notebook: str, figures_dir: Path | None = None) -> Path:
+def record(table: pd.DataFrame, notebook: str, figures_dir: Path | None = None, variant: str = "") -> Path:
     """Write an agreement table (`verdict_agreement` with the committed table, from the committed
-    configuration: `check_recordable`) to `<figures_dir>/<notebook stem>/robustness.csv`, the file
-    the findings report reads."""
+    configuration: `check_recordable`) to `record_path`, the file the findings report reads: a seed
+    record (default arithmetic, at least two seed sets) or, with `variant`, a machine record (the
+    committed seed's verdicts under that arithmetic)."""
     if "committed" not in table.columns:
         raise ValueError("the table has no committed verdicts to record against (figures/<notebook>/findings.csv at quick)")
     seeds = [column for column in table.columns if column.startswith("seed ")]
-    if len(seeds) < 2:
+    if not variant and len(seeds) < 2:
         raise ValueError(f"a record needs at least two seed sets, got {len(seeds)}")
-    path = Path(figures_dir or config.FIGURES_DIR) / runner.find_notebook(notebook).stem / RECORD_FILE
+    if variant and f"seed {COMMITTED_SEED}" not in seeds:
+        raise ValueError(f"a machine record needs the committed seed {COMMITTED_SEED}, got {seeds}")
+    path = record_path(runner.find_notebook(notebook).stem, variant, figures_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.rename_axis("claim").reset_index()[["claim", *seeds, "most common", "agree", "committed"]].to_csv(path, index=False)
     return path
+
+
+def machine_records(folder: Path) -> dict[str, pd.DataFrame]:
+    """The machine records beside a notebook's findings (`robustness-<variant>.csv`), by variant."""
+    prefix = f"{Path(RECORD_FILE).stem}-"
+    return {path.stem.removeprefix(prefix): pd.read_csv(path, keep_default_na=False)
+            for path in sorted(folder.glob(f"{prefix}*.csv"))}
+
+
+def machine_stability(findings: pd.DataFrame, recorded: pd.DataFrame) -> list[tuple[str, bool | None]]:
+    """Per row of a findings table, the committed seed's verdict under a machine record's arithmetic:
+    ('same', True), (the other verdict, False), or (`NOT_MEASURED`..., None) where the claim was not
+    recorded or was recorded against another committed verdict."""
+    column = f"seed {COMMITTED_SEED}"
+    rows = {str(r["claim"]): r for _, r in recorded.iterrows()}
+    result = []
+    for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
+        row = rows.get(claim)
+        if row is None or column not in row or str(row[column]) in ("", "nan"):
+            result.append((NOT_MEASURED, None))
+        elif str(row["committed"]) != verdict:
+            result.append((f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')", None))
+        elif str(row[column]) == verdict:
+            result.append(("same", True))
+        else:
+            result.append((str(row[column]), False))
+    return result
+
+
+def machine_count(outcomes: list[tuple[str, bool | None]]) -> str:
+    """'10 of 11': of the measured claims (`machine_stability`), how many kept their verdict."""
+    measured = [same for _, same in outcomes if same is not None]
+    if not measured:
+        return "—"
+    text = f"{sum(measured)} of {len(measured)}"
+    return text + (f" ({len(outcomes) - len(measured)} not measured)" if len(measured) < len(outcomes) else "")
 
 
 def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[tuple[str, float | None]]:

@@ -92,3 +92,10 @@ def test_record_is_refused_outside_the_committed_configuration_before_anything_r
                        "--output-dir", str(tmp_path))
     assert code == 2 and "committed configuration" in stderr
     assert not any(tmp_path.iterdir())  # refused before any seed set ran
+
+
+def test_a_machine_record_without_the_committed_seed_is_refused_before_anything_runs(tmp_path, cli):
+    code, stderr = cli("robustness", "00_tour", "--seeds", "7", "--cpu-isa", "avx2", "--record",
+                       "--output-dir", str(tmp_path))
+    assert code == 2 and "must include 0" in stderr
+    assert not any(tmp_path.iterdir())
