@@ -107,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
             with pd.option_context("display.max_colwidth", 70, "display.width", 250):
                 print(table.to_string())
             print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))
-            committed = robustness.committed_summary(table)
-            if committed:
-                print(committed)
+            variant = robustness.variant_name(args.threads, args.cpu_isa)
+            for line in (robustness.committed_summary(table), robustness.machine_summary(table, variant)):
+                if line:
+                    print(line)
             failed = [o for o in outcomes if o["status"] == "failed"]
             for outcome in failed:
                 print(f"failed {outcome['point']}: {outcome['error']}", file=sys.stderr)
             if failed:
                 return 1
             if args.record:
-                path = robustness.record(table, args.notebook, variant=robustness.variant_name(args.threads, args.cpu_isa))
+                path = robustness.record(table, args.notebook, variant=variant)
                 print(f"recorded: {path}; verdict summary: {report.update_readme_summary()}")
         else:
             for name in args.notebooks:

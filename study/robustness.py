@@ -268,3 +268,13 @@ def committed_summary(table: pd.DataFrame) -> str | None:
     recorded = table.rename_axis("claim").reset_index()
     stabilities = stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
     return f"{stable_count(stabilities)} committed verdicts come out the same in ≥ 80% of the seed sets"
+
+
+def machine_summary(table: pd.DataFrame, variant: str) -> str | None:
+    """'AVX2, seed 0: 10 of 11 committed verdicts the same' (what the findings report counts for a
+    machine record), or None for the default arithmetic, without committed verdicts or without seed 0."""
+    if not variant or "committed" not in table.columns or f"seed {COMMITTED_SEED}" not in table.columns:
+        return None
+    recorded = table.rename_axis("claim").reset_index()
+    outcomes = machine_stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
+    return f"{variant_label(variant)}, seed {COMMITTED_SEED}: {machine_count(outcomes)} committed verdicts the same"

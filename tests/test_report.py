@@ -151,4 +151,10 @@ def test_the_report_shows_whether_seed_0_kept_each_verdict_under_other_arithmeti
                       "00_tour", variant="threads1")
     report = write_findings_report(figures).read_text()
     assert "| a | n/a | 0.5 | reproduced | not measured; AVX2, seed 0: same; 1 thread, seed 0: inconclusive |" in report
+    # what the command line prints after such a rerun
+    flipped = _recorded(committed, {0: {"a": "inconclusive", "b": "inconclusive"}})
+    assert robustness.machine_summary(flipped, "threads1") == "1 thread, seed 0: 1 of 2 committed verdicts the same"
+    assert robustness.machine_summary(_recorded(committed, {0: committed}), "avx2") == "AVX2, seed 0: 2 of 2 committed verdicts the same"
+    assert robustness.machine_summary(flipped, "") is None  # default arithmetic: the seed-set summary says it
+    assert robustness.machine_summary(_recorded(committed, {7: committed}), "avx2") is None  # no seed 0
     assert "| AVX2: 2 of 2 (1 not measured); 1 thread: 1 of 2 (1 not measured) |" in report
