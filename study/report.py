@@ -53,7 +53,7 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
             label = robustness.variant_label(variant)
             outcomes = robustness.machine_stability(table, machine_record)
             texts = [f"{text}; {label}, seed 0: {outcome}" for text, (outcome, _) in zip(texts, outcomes)]
-            machines.append(f"{label}: {robustness.machine_count(outcomes)}")
+            machines.append(f"{label}: {robustness.stable_count(outcomes, at_least=1)}")
         table.insert(table.columns.get_loc("verdict") + 1, "stability", texts)
         summary.append(f"| {folder.name} | {_profiles(table)} | {_counts(table)} | {robustness.stable_count(stabilities)} "
                        f"| {'; '.join(machines) or '—'} |")

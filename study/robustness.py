@@ -165,10 +165,11 @@ def check_recordable(profile: str = "quick", *, threads: int | None = None, cpu_
     if profile != "quick" or parameters:
         raise runner.UsageError("--record keeps the seed sets of the committed configuration only (profile quick, "
                                 f"no {'-p' if parameters else 'other setting'}); got profile {profile}")
-    if variant_name(threads, cpu_isa) and COMMITTED_SEED not in seeds:
+    machine = bool(variant_name(threads, cpu_isa))
+    if machine and COMMITTED_SEED not in seeds:
         raise runner.UsageError(f"--record with --threads or --cpu-isa compares the committed seed under other "
                                 f"arithmetic: --seeds must include {COMMITTED_SEED}")
-    if not variant_name(threads, cpu_isa) and len(set(seeds)) < 2:
+    if not machine and len(set(seeds)) < 2:
         raise runner.UsageError("--record needs at least two seed sets (or --threads / --cpu-isa for a machine record)")
 
 
@@ -197,33 +198,33 @@ def machine_records(folder: Path) -> dict[str, pd.DataFrame]:
             for path in sorted(folder.glob(f"{prefix}*.csv"))}
 
 
-def machine_stability(findings: pd.DataFrame, recorded: pd.DataFrame) -> list[tuple[str, bool | None]]:
-    """Per row of a findings table, the committed seed's verdict under a machine record's arithmetic:
-    ('same', True), (the other verdict, False), or (`NOT_MEASURED`..., None) where the claim was not
-    recorded or was recorded against another committed verdict."""
+def machine_stability(findings: pd.DataFrame, recorded: pd.DataFrame) -> list[tuple[str, float | None]]:
+    """Per row of a findings table, the committed seed's verdict under a machine record's arithmetic,
+    shaped as `stability` gives it: ('same', 1.0), (the other verdict, 0.0), or (`NOT_MEASURED`...,
+    None) where the claim was not recorded or was recorded against another committed verdict; count
+    them with `stable_count(..., at_least=1)`."""
     column = f"seed {COMMITTED_SEED}"
-    rows = {str(r["claim"]): r for _, r in recorded.iterrows()}
     result = []
-    for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
-        row = rows.get(claim)
-        if row is None or column not in row or str(row[column]) in ("", "nan"):
-            result.append((NOT_MEASURED, None))
-        elif str(row["committed"]) != verdict:
-            result.append((f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')", None))
-        elif str(row[column]) == verdict:
-            result.append(("same", True))
+    for verdict, row, missing in _matched_rows(findings, recorded):
+        if missing is not None or str(row.get(column, "")) in ("", "nan"):
+            result.append(missing or (NOT_MEASURED, None))
         else:
-            result.append((str(row[column]), False))
+            result.append(("same", 1.0) if str(row[column]) == verdict else (str(row[column]), 0.0))
     return result
 
 
-def machine_count(outcomes: list[tuple[str, bool | None]]) -> str:
-    """'10 of 11': of the measured claims (`machine_stability`), how many kept their verdict."""
-    measured = [same for _, same in outcomes if same is not None]
-    if not measured:
-        return "—"
-    text = f"{sum(measured)} of {len(measured)}"
-    return text + (f" ({len(outcomes) - len(measured)} not measured)" if len(measured) < len(outcomes) else "")
+def _matched_rows(findings: pd.DataFrame, recorded: pd.DataFrame | None):
+    """Per row of a findings table: (its verdict, its recorded row, None), or (its verdict, None, the
+    `NOT_MEASURED` entry) where the claim was not recorded or was recorded against another verdict."""
+    rows = {} if recorded is None else {str(r["claim"]): r for _, r in recorded.iterrows()}
+    for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
+        row = rows.get(claim)
+        if row is None:
+            yield verdict, None, (NOT_MEASURED, None)
+        elif str(row["committed"]) != verdict:
+            yield verdict, None, (f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')", None)
+        else:
+            yield verdict, row, None
 
 
 def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[tuple[str, float | None]]:
@@ -231,15 +232,10 @@ def stability(findings: pd.DataFrame, recorded: pd.DataFrame | None) -> list[tup
     that gave it) from a recorded agreement table (`record`): the text is 'k of n seed sets', plus
     the most common verdict where it is another; `NOT_MEASURED` (share None) where the claim was not
     recorded, or was recorded against another committed verdict (the findings changed since)."""
-    rows = {} if recorded is None else {str(r["claim"]): r for _, r in recorded.iterrows()}
     result = []
-    for claim, verdict in zip(findings["claim"].astype(str), findings["verdict"].astype(str)):
-        row = rows.get(claim)
-        if row is None:
-            result.append((NOT_MEASURED, None))
-            continue
-        if str(row["committed"]) != verdict:
-            result.append((f"{NOT_MEASURED} (recorded against the verdict '{row['committed']}')", None))
+    for verdict, row, missing in _matched_rows(findings, recorded):
+        if missing is not None:
+            result.append(missing)
             continue
         verdicts = [str(v) for key, v in row.items() if str(key).startswith("seed ") and str(v) not in ("", "nan")]
         same = sum(v == verdict for v in verdicts)
@@ -265,8 +261,7 @@ def committed_summary(table: pd.DataFrame) -> str | None:
     report counts), or None without committed verdicts."""
     if "committed" not in table.columns:
         return None
-    recorded = table.rename_axis("claim").reset_index()
-    stabilities = stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
+    stabilities = stability(*_committed_as_findings(table))
     return f"{stable_count(stabilities)} committed verdicts come out the same in ≥ 80% of the seed sets"
 
 
@@ -275,6 +270,11 @@ def machine_summary(table: pd.DataFrame, variant: str) -> str | None:
     machine record), or None for the default arithmetic, without committed verdicts or without seed 0."""
     if not variant or "committed" not in table.columns or f"seed {COMMITTED_SEED}" not in table.columns:
         return None
+    outcomes = machine_stability(*_committed_as_findings(table))
+    return f"{variant_label(variant)}, seed {COMMITTED_SEED}: {stable_count(outcomes, at_least=1)} committed verdicts the same"
+
+
+def _committed_as_findings(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An agreement table's committed verdicts as a findings table, and the table as a record."""
     recorded = table.rename_axis("claim").reset_index()
-    outcomes = machine_stability(pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded)
-    return f"{variant_label(variant)}, seed {COMMITTED_SEED}: {machine_count(outcomes)} committed verdicts the same"
+    return pd.DataFrame({"claim": recorded["claim"], "verdict": recorded["committed"]}), recorded

@@ -57,15 +57,17 @@ def _recorded(committed: dict, verdicts_by_seed: dict):
     return verdict_agreement(findings, pd.DataFrame({"claim": list(committed), "verdict": list(committed.values())}))
 
 
+def _tour_findings(figures, **claims):
+    """A committed findings table of 00_tour at quick: claim=(this_run, verdict)."""
+    findings_table([{"claim": claim, "paper": "n/a", "this_run": this_run, "verdict": verdict}
+                    for claim, (this_run, verdict) in claims.items()], figures / "00_tour", profile="quick")
+
+
 def test_the_report_shows_how_many_recorded_seed_sets_gave_each_committed_verdict(tmp_path, monkeypatch):
     from study import config, robustness
     figures = tmp_path / "figures"
-    findings_table([
-        {"claim": "a", "paper": "n/a", "this_run": "0.5", "verdict": "reproduced"},
-        {"claim": "b", "paper": "n/a", "this_run": "0.1", "verdict": "reproduced"},
-        {"claim": "c", "paper": "n/a", "this_run": "0.2", "verdict": "inconclusive"},
-        {"claim": "new", "paper": "n/a", "this_run": "0.3", "verdict": "reproduced"},
-    ], figures / "00_tour", profile="quick")
+    _tour_findings(figures, a=("0.5", "reproduced"), b=("0.1", "reproduced"), c=("0.2", "inconclusive"),
+                   new=("0.3", "reproduced"))
     by_seed = {0: {"a": "reproduced", "b": "reproduced", "c": "reproduced"},
                1: {"a": "reproduced", "b": "inconclusive", "c": "reproduced"},
                2: {"a": "reproduced", "b": "inconclusive", "c": "reproduced"},
@@ -130,11 +132,7 @@ def test_variants_name_their_folder_record_and_label():
 def test_the_report_shows_whether_seed_0_kept_each_verdict_under_other_arithmetic(tmp_path, monkeypatch):
     from study import config, robustness
     figures = tmp_path / "figures"
-    findings_table([
-        {"claim": "a", "paper": "n/a", "this_run": "0.5", "verdict": "reproduced"},
-        {"claim": "b", "paper": "n/a", "this_run": "0.1", "verdict": "inconclusive"},
-        {"claim": "new", "paper": "n/a", "this_run": "0.3", "verdict": "reproduced"},
-    ], figures / "00_tour", profile="quick")
+    _tour_findings(figures, a=("0.5", "reproduced"), b=("0.1", "inconclusive"), new=("0.3", "reproduced"))
     monkeypatch.setattr(config, "FIGURES_DIR", figures)
     committed = {"a": "reproduced", "b": "inconclusive"}
     path = robustness.record(_recorded(committed, {0: {"a": "reproduced", "b": "partly reproduced"}}), "00_tour",
