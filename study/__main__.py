@@ -53,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     robust_cmd.add_argument("--cpu-isa", choices=sorted(robustness.CPU_ISA_ENV),
                             help="cap torch's and oneDNN's CPU instruction set: another machine's arithmetic "
                                  "(retrains everything in a cache of its own)")
+    robust_cmd.add_argument("--machine", help="name of this machine (e.g. AMD_EPYC) when it is not the one the committed "
+                                              "outputs come from: its own arithmetic, retrained in a cache of its own")
     robust_cmd.add_argument("--executor", choices=["dask", "local"], default="local")
     robust_cmd.add_argument("--scheduler", help="address of a running Dask scheduler")
     robust_cmd.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (executor dask)")
     robust_cmd.add_argument("--output-dir", help="parent folder of the reruns (default runs/)")
     _add_parameter_option(robust_cmd, "another papermill parameter for every seed set (repeatable), e.g. -p n_models 5")
     robust_cmd.add_argument("--record", action="store_true",
-                            help="keep the table as figures/<notebook>/robustness.csv (quick, no -p; with --threads or "
-                                 "--cpu-isa and seed 0: robustness-<variant>.csv) and rewrite the findings report")
+                            help="keep the table as figures/<notebook>/robustness.csv (quick, no -p; with --threads, "
+                                 "--cpu-isa or --machine and seed 0: robustness-<variant>.csv) and rewrite the findings report")
 
     commands.add_parser("report", help="rewrite figures/findings.md and the README's verdict summary from figures/")
 
@@ -100,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise runner.UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
             if args.record:  # refuse before hours of reruns, not after
                 robustness.check_recordable(args.profile, threads=args.threads, cpu_isa=args.cpu_isa,
-                                            parameters=_parameters(args.parameter), seeds=seeds)
+                                            parameters=_parameters(args.parameter), seeds=seeds, machine=args.machine)
             table, outcomes = robustness.robustness(args.notebook, seeds, args.profile, args.executor, args.scheduler,
                                                     args.workers, args.threads, args.output_dir, args.cpu_isa,
-                                                    _parameters(args.parameter))
+                                                    _parameters(args.parameter), args.machine)
             with pd.option_context("display.max_colwidth", 70, "display.width", 250):
                 print(table.to_string())
             print(robustness.summary_line(table, at_least=max(1, math.ceil(0.8 * len(seeds)))))
-            variant = robustness.variant_name(args.threads, args.cpu_isa)
+            variant = robustness.variant_name(args.threads, args.cpu_isa, args.machine)
             for line in (robustness.committed_summary(table), robustness.machine_summary(table, variant)):
                 if line:
                     print(line)

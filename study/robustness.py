@@ -7,15 +7,17 @@ spaced 1000 apart so that no two reruns share a seed.
 `--record` keeps the agreement table of the committed configuration (`quick`, no other setting)
 as `figures/<notebook>/robustness.csv`; the findings report then shows, beside every committed
 verdict, in how many seed sets it came out the same (`stability`). With `--threads` or `--cpu-isa`
-(another machine's arithmetic) and the committed seed among the seed sets, `--record` keeps the table
-as `figures/<notebook>/robustness-<variant>.csv` (e.g. `robustness-avx2.csv`), and the report adds
-whether the committed seed gave the committed verdict under that arithmetic.
+(another machine's arithmetic emulated here), or with `--machine NAME` (run on another machine,
+its own arithmetic), and the committed seed among the seed sets, `--record` keeps the table as
+`figures/<notebook>/robustness-<variant>.csv` (e.g. `robustness-avx2.csv`, `robustness-AMD_EPYC.csv`),
+and the report adds whether the committed seed gave the committed verdict under that arithmetic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -32,22 +34,33 @@ CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AV
                "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
 
 
-def variant_name(threads: int | None = None, cpu_isa: str | None = None) -> str:
-    """'' for the default arithmetic, else e.g. 'threads1', 'avx2' or 'threads1-avx2': it names the
-    rerun folder and the record file (`record_path`)."""
-    return "-".join(part for part in (f"threads{threads}" if threads else "", cpu_isa or "") if part)
+def check_machine_name(machine: str) -> None:
+    """A `--machine` name labels a record of another machine's own arithmetic (`AMD_EPYC` is shown as
+    'AMD EPYC'): letters, digits and underscores, starting with a letter, and not a name that
+    `variant_name` gives the emulated variants."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", machine):
+        raise runner.UsageError(f"--machine takes letters, digits and underscores (e.g. AMD_EPYC), got {machine!r}")
+    if machine.lower() in CPU_ISA_ENV or re.fullmatch(r"threads\d*", machine.lower()):
+        raise runner.UsageError(f"--machine {machine!r} would read as an emulated variant; choose another name")
+
+
+def variant_name(threads: int | None = None, cpu_isa: str | None = None, machine: str | None = None) -> str:
+    """'' for the default arithmetic, else e.g. 'threads1', 'avx2', 'threads1-avx2' or 'AMD_EPYC': it
+    names the rerun folder and the record file (`record_path`)."""
+    return "-".join(part for part in (machine or "", f"threads{threads}" if threads else "", cpu_isa or "") if part)
 
 
 def variant_label(variant: str) -> str:
-    """'avx2' -> 'AVX2', 'threads1-sse41' -> '1 thread, SSE4.1': how the findings report names it."""
+    """'avx2' -> 'AVX2', 'threads1-sse41' -> '1 thread, SSE4.1', 'AMD_EPYC' -> 'AMD EPYC': how the
+    findings report names it."""
     labels = {"avx2": "AVX2", "sse41": "SSE4.1"}
     parts = []
     for part in variant.split("-"):
-        if part.startswith("threads"):
+        if re.fullmatch(r"threads\d+", part):
             count = int(part.removeprefix("threads"))
             parts.append(f"{count} thread" + ("s" if count > 1 else ""))
         else:
-            parts.append(labels.get(part, part))
+            parts.append(labels.get(part, part.replace("_", " ")))
     return ", ".join(parts)
 
 
@@ -110,6 +123,7 @@ def robustness(
     runs_dir: Path | None = None,
     cpu_isa: str | None = None,
     parameters: dict | None = None,
+    machine: str | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Run `notebook` at `profile` once per seed set (through the sweep's one parallel map) and tabulate
     the verdicts. Finished seed sets are skipped on a rerun. `parameters`: other papermill
@@ -120,23 +134,27 @@ def robustness(
     summation order where torch's default thread count is used) and `cpu_isa` ("avx2", "sse41")
     caps the CPU instruction set of torch's and oneDNN's kernels (`CPU_ISA_ENV`). With either, the
     reruns use their own cache folder inside the sweep's folder, so that nothing trained under the
-    default settings is reused: every model is retrained under the changed arithmetic."""
+    default settings is reused: every model is retrained under the changed arithmetic. `machine`
+    names the machine this runs on, for a rerun on another machine than the committed outputs'
+    (`check_machine_name`): nothing is emulated, the reruns only get their own cache folder and name."""
     if not seeds:
         raise runner.UsageError("robustness needs at least one seed")
     if threads is not None and threads < 1:
         raise runner.UsageError(f"threads must be a positive integer, got {threads}")
     if cpu_isa is not None and cpu_isa not in CPU_ISA_ENV:
         raise runner.UsageError(f"unknown cpu_isa {cpu_isa!r}; choose one of {sorted(CPU_ISA_ENV)}")
+    if machine is not None:
+        check_machine_name(machine)
     path = runner.find_notebook(notebook)
     parameters = dict(parameters or {})
     fixed = {"profile", "seed"} & set(parameters)
     if fixed:
         raise runner.UsageError(f"{sorted(fixed)} are set by --profile and --seeds, not as parameters")
-    variant = variant_name(threads, cpu_isa)
+    variant = variant_name(threads, cpu_isa, machine)
     name = (f"robustness-{path.stem}-{profile}" + (f"-{variant}" if variant else "")
             + (f"-{sweep.point_name(dict(sorted(parameters.items())))}" if parameters else ""))
     updates = {**({"OMP_NUM_THREADS": str(threads)} if threads else {}), **CPU_ISA_ENV.get(cpu_isa, {})}
-    if updates:
+    if variant:
         updates["STUDY_CACHE_DIR"] = str((Path(runs_dir or config.RUNS_DIR) / name / "cache").resolve())
     with _environment(updates):
         grid = {"profile": [profile], "seed": list(seeds), **{key: [value] for key, value in parameters.items()}}
@@ -157,20 +175,24 @@ def summary_line(table: pd.DataFrame, at_least: int) -> str:
 
 
 def check_recordable(profile: str = "quick", *, threads: int | None = None, cpu_isa: str | None = None,
-                     parameters: dict | None = None, seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS) -> None:
+                     parameters: dict | None = None, seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS,
+                     machine: str | None = None) -> None:
     """Only the committed configuration describes the committed verdicts: `quick`, no other
     parameter. With the default arithmetic a record is a seed record (at least two seed sets); with
-    `threads` or `cpu_isa` it is a machine record, which needs the committed seed (`COMMITTED_SEED`).
-    Anything else raises `runner.UsageError`."""
+    `threads`, `cpu_isa` or `machine` it is a machine record, which needs the committed seed
+    (`COMMITTED_SEED`). Anything else raises `runner.UsageError`."""
     if profile != "quick" or parameters:
         raise runner.UsageError("--record keeps the seed sets of the committed configuration only (profile quick, "
                                 f"no {'-p' if parameters else 'other setting'}); got profile {profile}")
-    machine = bool(variant_name(threads, cpu_isa))
-    if machine and COMMITTED_SEED not in seeds:
-        raise runner.UsageError(f"--record with --threads or --cpu-isa compares the committed seed under other "
-                                f"arithmetic: --seeds must include {COMMITTED_SEED}")
-    if not machine and len(set(seeds)) < 2:
-        raise runner.UsageError("--record needs at least two seed sets (or --threads / --cpu-isa for a machine record)")
+    if machine is not None:
+        check_machine_name(machine)
+    other_arithmetic = bool(variant_name(threads, cpu_isa, machine))
+    if other_arithmetic and COMMITTED_SEED not in seeds:
+        raise runner.UsageError(f"--record with --threads, --cpu-isa or --machine compares the committed seed under "
+                                f"other arithmetic: --seeds must include {COMMITTED_SEED}")
+    if not other_arithmetic and len(set(seeds)) < 2:
+        raise runner.UsageError("--record needs at least two seed sets (or --threads / --cpu-isa / --machine for a "
+                                "machine record)")
 
 
 def record(table: pd.DataFrame, notebook: str, figures_dir: Path | None = None, variant: str = "") -> Path:

@@ -127,6 +127,25 @@ def test_variants_name_their_folder_record_and_label():
     assert robustness.variant_label("threads4") == "4 threads"
     assert robustness.record_path("00_tour", "", Path("f")) == Path("f/00_tour/robustness.csv")
     assert robustness.record_path("00_tour", "avx2", Path("f")) == Path("f/00_tour/robustness-avx2.csv")
+    # a rerun on another machine, in its own arithmetic, named by the user
+    assert robustness.variant_name(machine="AMD_EPYC") == "AMD_EPYC"
+    assert robustness.variant_name(threads=1, machine="AMD_EPYC") == "AMD_EPYC-threads1"
+    assert robustness.variant_label("AMD_EPYC") == "AMD EPYC"
+    assert robustness.variant_label("AMD_EPYC-threads1") == "AMD EPYC, 1 thread"
+    assert robustness.record_path("00_tour", "AMD_EPYC", Path("f")) == Path("f/00_tour/robustness-AMD_EPYC.csv")
+
+
+def test_a_machine_record_needs_a_plain_name_and_the_committed_seed():
+    from study import robustness, runner
+    robustness.check_recordable("quick", machine="AMD_EPYC", seeds=[0])
+    with pytest.raises(runner.UsageError, match="must include 0"):
+        robustness.check_recordable("quick", machine="AMD_EPYC", seeds=[1000])
+    for name in ("AMD EPYC", "epyc-2", "2cores", ""):
+        with pytest.raises(runner.UsageError, match="letters, digits and underscores"):
+            robustness.check_recordable("quick", machine=name, seeds=[0])
+    for name in ("avx2", "SSE41", "threads1"):
+        with pytest.raises(runner.UsageError, match="emulated variant"):
+            robustness.check_recordable("quick", machine=name, seeds=[0])
 
 
 def test_the_report_shows_whether_seed_0_kept_each_verdict_under_other_arithmetic(tmp_path, monkeypatch):

@@ -94,8 +94,34 @@ def test_record_is_refused_outside_the_committed_configuration_before_anything_r
     assert not any(tmp_path.iterdir())  # refused before any seed set ran
 
 
+def test_a_rerun_on_another_machine_is_named_by_it_and_retrains_in_its_own_cache(tmp_path, monkeypatch, cli):
+    from study import robustness, sweep
+    seen = {}
+
+    def fake_sweep(notebook, grid, name, *args):
+        seen.update(name=name, grid=grid, cache=os.environ.get("STUDY_CACHE_DIR"),
+                    isa=os.environ.get("ATEN_CPU_CAPABILITY"))
+        findings = pd.DataFrame({"seed": [0], "claim": ["a"], "verdict": ["reproduced"]})
+        return [{"status": "ok", "point": "seed=0", "error": None}], {"findings": findings}
+
+    monkeypatch.setattr(sweep, "sweep", fake_sweep)
+    monkeypatch.delenv("STUDY_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    table, _ = robustness.robustness("00_tour", [0], runs_dir=tmp_path, machine="AMD_EPYC")
+    assert seen["name"] == "robustness-00_tour-quick-AMD_EPYC"
+    assert seen["cache"] == str((tmp_path / "robustness-00_tour-quick-AMD_EPYC" / "cache").resolve())
+    assert seen["isa"] is None  # nothing emulated: the machine's own arithmetic
+    assert "STUDY_CACHE_DIR" not in os.environ
+    assert table.loc["a", "seed 0"] == "reproduced"
+    code, stderr = cli("robustness", "00_tour", "--seeds", "0", "--machine", "AMD EPYC", "--output-dir", str(tmp_path))
+    assert code == 2 and "--machine takes letters" in stderr
+
+
 def test_a_machine_record_without_the_committed_seed_is_refused_before_anything_runs(tmp_path, cli):
     code, stderr = cli("robustness", "00_tour", "--seeds", "7", "--cpu-isa", "avx2", "--record",
+                       "--output-dir", str(tmp_path))
+    assert code == 2 and "must include 0" in stderr
+    code, stderr = cli("robustness", "00_tour", "--seeds", "7", "--machine", "AMD_EPYC", "--record",
                        "--output-dir", str(tmp_path))
     assert code == 2 and "must include 0" in stderr
     assert not any(tmp_path.iterdir())
