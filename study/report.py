@@ -2,7 +2,8 @@
 
 Where `figures/<notebook>/robustness.csv` exists (`python -m study robustness NOTEBOOK --record`),
 each verdict gets its `stability`: in how many of the recorded seed sets it came out the same. Each
-machine record beside it (`robustness-avx2.csv`: `--record --cpu-isa avx2 --seeds 0`) adds whether
+machine record beside it (`robustness-avx2.csv`: `--record --cpu-isa avx2 --seeds 0`, emulated here;
+`robustness-AMD_EPYC.csv`: `--record --machine AMD_EPYC --seeds 0`, run on that machine) adds whether
 the committed seed gave the same verdict under that arithmetic."""
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
     sections = ["# Findings\n", "Written by `make reproduce` from each notebook's `findings.csv`; `stability`: in how "
                 "many seed sets of the last recorded robustness run (`python -m study robustness NOTEBOOK "
                 "--record`) the committed verdict came out the same, and whether seed 0 gave it under another "
-                "machine's arithmetic where that was recorded (`--record --seeds 0 --cpu-isa avx2`).\n"]
+                "machine's arithmetic where that was recorded (`--record --seeds 0 --machine NAME` on that machine, or "
+                "`--cpu-isa avx2` / `--threads 1` emulating it here).\n"]
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
