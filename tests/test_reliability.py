@@ -14,6 +14,7 @@ from study.metrics.reliability import (
     inter_method_reliability,
     internal_consistency,
     jackknife_ci,
+    jackknife_interval,
     krippendorff_alpha,
     metric_correlation_matrix,
     off_diagonal_summary,
@@ -63,6 +64,11 @@ def test_ranks_are_not_argsort():
     assert rank_within_images(scores).tolist() == [[3.0, 1.0, 2.0]]
     assert np.argsort(scores[0]).tolist() == [1, 2, 0]  # what the quirk would use
     assert rank_within_images([[0.3, 0.3, 0.1]]).tolist() == [[2.5, 2.5, 1.0]]  # ties averaged
+    np.testing.assert_array_equal(rank_within_images([[0.3, np.nan, 0.1]], missing="omit"), [[2.0, np.nan, 1.0]])
+    with pytest.raises(ValueError, match="missing"):
+        rank_within_images([[0.3, 0.1]], missing="drop")
+    with pytest.raises(ValueError):
+        rank_within_images([[0.3, np.nan, 0.1]])  # NaN only with missing="omit"
 
 
 @PROPERTY
@@ -165,6 +171,31 @@ def test_jackknife_ci_bad_inputs():
         jackknife_ci(np.mean, scores[:2])
     with pytest.raises(ValueError, match="finite"):
         jackknife_ci(lambda x: np.nan, scores)
+
+
+def test_jackknife_interval_from_leave_one_out_values_is_jackknife_ci():
+    """The interval from precomputed leave-one-out values is the one jackknife_ci computes, to the bit."""
+    data = np.random.default_rng(2).normal(size=(30, 2))
+
+    def statistic(d):
+        return float(np.median(d[:, 0]) - d[:, 1].std())
+
+    leave_out = [statistic(np.delete(data, i, axis=0)) for i in range(30)]
+    assert jackknife_interval(statistic(data), leave_out) == jackknife_ci(statistic, data)
+    assert jackknife_interval(2.0, [2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0, 3)  # no spread: a point
+
+
+def test_jackknife_interval_bad_inputs():
+    with pytest.raises(ValueError, match="at least 3 images"):
+        jackknife_interval(0.0, [0.1, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        jackknife_interval(0.0, [0.1, np.nan, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        jackknife_interval(np.inf, [0.1, 0.3, 0.2])
+    with pytest.raises(ValueError, match="one value per image"):
+        jackknife_interval(0.0, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="level"):
+        jackknife_interval(0.0, [0.1, 0.3, 0.2], level=1.0)
 
 
 def test_jackknife_alpha_interval_covers_the_known_alpha_and_the_bootstrap_is_biased_upwards():

@@ -346,6 +346,10 @@ def test_nan_scores_are_left_out_of_means_ranks_alpha_and_correlations():
     assert alpha["alpha"] == pytest.approx(krippendorff.alpha(reliability_data=ranks_expected,
                                                               level_of_measurement="ordinal"))
     assert alpha["low"] <= alpha["high"]
+    # the interval is the jackknife of α on the scores (ranks computed once give the same bits)
+    up = t.HIGHER_IS_BETTER["faithfulness"]
+    interval = metrics.jackknife_ci(lambda m: metrics.krippendorff_alpha(m, higher_is_better=up, missing="omit"), matrix)
+    assert (alpha["low"], alpha["high"]) == (interval.low, interval.high)
     # correlations use the pairwise-complete images only
     every_metric = pd.concat([table.assign(metric=m) for m in t.METRICS])
     rho = t.inter_method_matrices(every_metric, ["mean·pixel·prob"])[("mean·pixel·prob", "faithfulness")]
@@ -372,6 +376,52 @@ def test_class_effect_is_kruskal_epsilon_squared():
     h = stats.kruskal(*[scores[keep][labels[keep] == c] for c in range(5)]).statistic
     assert t.class_effect(scores, labels) == pytest.approx(h / (keep.sum() - 1))
     assert np.isnan(t.class_effect(np.ones(10), np.arange(10) % 2))
+
+
+def _left_out_one_by_one(scores, labels):
+    return np.array([t.class_effect(np.delete(scores, i), np.delete(labels, i)) for i in range(len(scores))])
+
+
+@pytest.mark.parametrize("case", ["ties and a missing score", "a two-image and a one-image class",
+                                  "two distinct values", "one class left", "constant"])
+def test_class_effect_leave_one_out_is_class_effect_without_each_image_to_the_bit(case):
+    rng = np.random.default_rng(7)
+    scores, labels = np.round(rng.normal(size=40), 1), rng.integers(0, 4, 40)  # rounding makes ties
+    if case == "ties and a missing score":
+        scores[[3, 11]] = np.nan
+    elif case == "a two-image and a one-image class":
+        labels[:3] = [7, 7, 9]
+    elif case == "two distinct values":
+        scores = (labels % 2 + (np.arange(40) == 5)).astype(float)
+    elif case == "one class left":
+        labels = np.where(np.arange(40) < 3, 1, 0)
+    else:
+        scores = np.ones(40)
+    fast = t.class_effect_leave_one_out(scores, labels)
+    slow = _left_out_one_by_one(scores, labels)
+    np.testing.assert_array_equal(fast, slow)  # equal, not close: NaN where undefined, the same bits elsewhere
+
+
+def test_class_effect_leave_one_out_bad_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        t.class_effect_leave_one_out(np.zeros(5), np.zeros(4))
+    with pytest.raises(ValueError, match="one score per image"):
+        t.class_effect_leave_one_out(np.zeros((5, 2)), np.zeros(5))
+
+
+def test_class_dependence_interval_is_the_generic_jackknife_of_the_excess():
+    """The leave-one-out shortcut gives the interval jackknife_ci gives with class_effect, to the bit."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(4), 10)
+    random = np.round(labels + rng.normal(size=40), 1)
+    gradient = np.round(2 * labels + rng.normal(size=40), 1)
+    gradient[5] = np.nan
+    table = _long({("aopc_morf", "random"): random, ("aopc_morf", "gradient"): gradient}, labels=labels)
+    row = t.class_dependence(table, "mean·pixel·prob").set_index("method").loc["gradient"]
+    data = np.column_stack([gradient, random, labels])
+    interval = metrics.jackknife_ci(lambda d: t.class_effect(d[:, 0], d[:, 2]) - t.class_effect(d[:, 1], d[:, 2]),
+                                    data)
+    assert (row["excess"], row["excess_low"], row["excess_high"]) == (interval.estimate, interval.low, interval.high)
 
 
 def test_class_dependence_is_measured_against_the_random_map():

@@ -654,9 +654,11 @@ def alpha_table(table: pd.DataFrame, method_sets: dict[str, list[str]] | None = 
             row = {"metric": metric, "variant": variant, "methods": set_name, "n_methods": matrix.shape[1],
                    "n_images": matrix.shape[0], "alpha": _alpha(matrix, up), "low": np.nan, "high": np.nan}
             if ci and np.isfinite(row["alpha"]) and matrix.shape[0] >= 3:
+                # ranks are within images, so an image left out of the ranks is one left out of the scores
+                ranks = metrics.rank_within_images(matrix, up, missing="omit")
                 try:
                     interval = metrics.jackknife_ci(
-                        lambda m: metrics.krippendorff_alpha(m, higher_is_better=up, missing="omit"), matrix)
+                        lambda r: metrics.krippendorff_alpha(r, ranking="none", missing="omit"), ranks)
                     row.update(low=interval.low, high=interval.high)
                 except ValueError:
                     pass
@@ -760,6 +762,49 @@ def class_effect(scores, labels) -> float:
     return float(h / stats.tiecorrect(ranks)) / (n - 1)
 
 
+def class_effect_leave_one_out(scores, labels) -> np.ndarray:
+    """`class_effect` with each image left out in turn, (n,): the numbers of
+    ``[class_effect(np.delete(scores, i), np.delete(labels, i)) for i in range(n)]``, bit for bit,
+    without ranking n times. Leaving out image i lowers the average rank of every image scored above
+    it by 1 and of every image tied with it by ½ (all ranks stay exact halves), and shrinks its tie
+    group by one. A missing score or a one-image class changes nothing; images whose removal drops
+    a class or leaves too few distinct scores are computed directly."""
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must hold one score per image (1-D); got shape {scores.shape}")
+    if labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must have the same length; got {scores.size} and {labels.size}")
+    result = np.full(scores.size, class_effect(scores, labels))  # leaving out an unused image changes nothing
+    finite = np.flatnonzero(np.isfinite(scores))
+    classes, index, sizes = np.unique(labels[finite], return_inverse=True, return_counts=True)
+    used = sizes[index] > 1
+    position, x, group = finite[used], scores[finite][used], index[used]
+    direct = sizes[group] == 2  # leaving one out drops its class
+    if np.unique(x).size < 3 or (sizes > 1).sum() < 2:
+        direct[:] = True
+    for i in position[direct]:
+        result[i] = class_effect(np.delete(scores, i), np.delete(labels, i))
+    if direct.all():
+        return result
+    n = x.size - 1  # images left
+    ranks = stats.rankdata(x)
+    member = group[:, None] == np.arange(classes.size)  # (images, classes)
+    above = (x[None, :] > x[:, None]).astype(np.int64) @ member
+    tied = (x[None, :] == x[:, None]).astype(np.int64) @ member - member
+    sums = np.bincount(group, weights=ranks, minlength=classes.size) - above - 0.5 * tied - member * ranks[:, None]
+    counts = np.bincount(group, minlength=classes.size) - member
+    tie_sizes = (x[None, :] == x[:, None]).sum(axis=1).astype(np.float64)
+    _, full_ties = np.unique(x, return_counts=True)
+    full_ties = full_ties.astype(np.float64)
+    ties = (full_ties**3 - full_ties).sum() - (tie_sizes**3 - tie_sizes) + ((tie_sizes - 1) ** 3 - (tie_sizes - 1))
+    size = np.float64(n)
+    for k in np.flatnonzero(~direct):
+        keep = counts[k] > 0
+        h = 12.0 / (n * (n + 1)) * np.sum(sums[k, keep] ** 2 / counts[k, keep]) - 3.0 * (n + 1)
+        result[position[k]] = float(h / (1.0 - ties[k] / (size**3 - size))) / (n - 1)
+    return result
+
+
 def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.DataFrame:
     """Per metric and method: Kruskal–Wallis H test of the per-image score across true classes, its
     effect size ε² = H/(n − 1), the per-image coefficient of variation (card §3, workshop claim), and
@@ -768,7 +813,9 @@ def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.D
     (the image drives it), so a method's class dependence counts only beyond Random's. NaN scores
     are left out."""
     part = table[table["variant"] == variant]
-    wide = part.pivot_table(index=["image", "label"], columns=["metric", "method"], values="score", dropna=False)
+    # one row per image (pivot_table(dropna=False) would add every image × label pair: rows with no
+    # score that the jackknife would count as images)
+    wide = part.pivot(index=["image", "label"], columns=["metric", "method"], values="score")
     labels = wide.index.get_level_values("label").to_numpy()
     rows = []
     for (metric, method), one in part.groupby(["metric", "method"], sort=False):
@@ -785,13 +832,11 @@ def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.D
                "cv": np.nanstd(values, ddof=1) / abs(mean) if mean else np.nan,
                "excess": np.nan, "excess_low": np.nan, "excess_high": np.nan}
         if ci and method != "random" and (metric, "random") in wide:
-            data = np.column_stack([wide[(metric, method)].to_numpy(), wide[(metric, "random")].to_numpy(), labels])
-
-            def excess(d):
-                return class_effect(d[:, 0], d[:, 2]) - class_effect(d[:, 1], d[:, 2])
-
+            ours, random = wide[(metric, method)].to_numpy(), wide[(metric, "random")].to_numpy()
+            leave_out = class_effect_leave_one_out(ours, labels) - class_effect_leave_one_out(random, labels)
             try:
-                interval = metrics.jackknife_ci(excess, data)
+                interval = metrics.jackknife_interval(class_effect(ours, labels) - class_effect(random, labels),
+                                                      leave_out)
                 row.update(excess=interval.estimate, excess_low=interval.low, excess_high=interval.high)
             except ValueError:
                 pass

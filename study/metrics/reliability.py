@@ -35,6 +35,7 @@ __all__ = [
     "krippendorff_alpha",
     "JackknifeCI",
     "jackknife_ci",
+    "jackknife_interval",
     "off_diagonal_summary",
     "inter_method_reliability",
     "internal_consistency",
@@ -98,18 +99,21 @@ def _check_bool(value, name: str) -> bool:
     return bool(value)
 
 
-def rank_within_images(scores, higher_is_better: bool = True) -> np.ndarray:
+def rank_within_images(scores, higher_is_better: bool = True, missing: str = "raise") -> np.ndarray:
     """Rank the methods within each image (row), ties averaged (``scipy.stats.rankdata``).
 
     Ranks run from 1 (worst) to n_methods (best) after sign alignment, so for scores
     [0.3, 0.1, 0.2] the ranks are [3, 1, 2] — not the argsort [1, 2, 0] (Tomsett Q5).
     ``higher_is_better=False`` ranks the negated scores, which reverses every ranking.
     Krippendorff's α is invariant to reversing all rankings, so the direction only matters for
-    reading the ranks.
+    reading the ranks. ``missing="omit"`` ranks each image's defined scores and keeps NaN where a
+    score is missing; ``"raise"`` (default) rejects NaN.
     """
-    a = _matrix(scores, min_images=1)
+    if missing not in ("raise", "omit"):
+        raise ValueError(f"missing must be 'raise' or 'omit'; got {missing!r}")
+    a = _matrix(scores, min_images=1, allow_nan=missing == "omit")
     aligned = a if _check_bool(higher_is_better, "higher_is_better") else -a
-    return stats.rankdata(aligned, method="average", axis=1)
+    return stats.rankdata(aligned, method="average", axis=1, nan_policy="omit" if missing == "omit" else "propagate")
 
 
 def krippendorff_alpha(
@@ -150,7 +154,7 @@ def krippendorff_alpha(
         raise ValueError(f"unknown ranking {ranking!r}; choose one of {list(_RANKINGS)}")
     aligned = a if _check_bool(higher_is_better, "higher_is_better") else -a
     if ranking == "rank":
-        values = stats.rankdata(aligned, method="average", axis=1, nan_policy="omit")
+        values = rank_within_images(a, higher_is_better, missing="omit")
     elif ranking == "argsort":
         if np.isnan(aligned).any():
             raise ValueError("ranking='argsort' cannot handle missing (NaN) scores; use ranking='rank'")
@@ -219,6 +223,24 @@ def jackknife_ci(statistic: Callable, data, level: float = 0.95) -> JackknifeCI:
     everything = np.arange(rows)
     estimate = evaluate(take(everything))
     leave_out = np.array([evaluate(take(np.delete(everything, i))) for i in range(rows)])
+    return jackknife_interval(estimate, leave_out, level)
+
+
+def jackknife_interval(estimate: float, leave_out, level: float = 0.95) -> JackknifeCI:
+    """The interval of :func:`jackknife_ci` from θ on all n images and the n leave-one-out values
+    θ₋ᵢ, for a statistic that computes all θ₋ᵢ at once faster than one by one. Every value must be
+    finite and n ≥ 3 (``ValueError`` otherwise)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1); got {level!r}")
+    leave_out = np.asarray(leave_out, dtype=float)
+    if leave_out.ndim != 1:
+        raise ValueError(f"leave_out must hold one value per image (1-D); got shape {leave_out.shape}")
+    rows = leave_out.size
+    if rows < 3:
+        raise ValueError(f"data needs at least 3 images (rows) for a jackknife interval; got {rows}")
+    estimate = float(estimate)
+    if not (np.isfinite(estimate) and np.isfinite(leave_out).all()):
+        raise ValueError("the statistic must be finite on the data and on every leave-one-out sample")
     pseudo = rows * estimate - (rows - 1) * leave_out
     if np.ptp(pseudo) == 0:
         return JackknifeCI(estimate, float(pseudo[0]), float(pseudo[0]), rows)
