@@ -42,7 +42,7 @@ def write_findings_report(figures_dir: Path | None = None) -> Path:
                 "many seed sets of the last recorded robustness run (`python -m study robustness NOTEBOOK "
                 "--record`) the committed verdict came out the same, and whether seed 0 gave it under another "
                 "machine's arithmetic where that was recorded (`--record --seeds 0 --machine NAME` on that machine, or "
-                "`--cpu-isa avx2` / `--threads 1` emulating it here).\n"]
+                "`--cpu-isa avx2` or `sse41` / `--threads 1` emulating it on the committed outputs' machine).\n"]
     summary = []
     for folder in sorted(p for p in figures_dir.iterdir() if (p / "findings.csv").is_file()):
         table = pd.read_csv(folder / "findings.csv", keep_default_na=False)
