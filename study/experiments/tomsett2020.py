@@ -789,11 +789,12 @@ def class_effect_leave_one_out(scores, labels) -> np.ndarray:
     n = x.size - 1  # images left
     ranks = stats.rankdata(x)
     member = group[:, None] == np.arange(classes.size)  # (images, classes)
+    equal = x[None, :] == x[:, None]
     above = (x[None, :] > x[:, None]).astype(np.int64) @ member
-    tied = (x[None, :] == x[:, None]).astype(np.int64) @ member - member
+    tied = equal.astype(np.int64) @ member - member
     sums = np.bincount(group, weights=ranks, minlength=classes.size) - above - 0.5 * tied - member * ranks[:, None]
     counts = np.bincount(group, minlength=classes.size) - member
-    tie_sizes = (x[None, :] == x[:, None]).sum(axis=1).astype(np.float64)
+    tie_sizes = equal.sum(axis=1).astype(np.float64)
     _, full_ties = np.unique(x, return_counts=True)
     full_ties = full_ties.astype(np.float64)
     ties = (full_ties**3 - full_ties).sum() - (tie_sizes**3 - tie_sizes) + ((tie_sizes - 1) ** 3 - (tie_sizes - 1))
@@ -817,7 +818,7 @@ def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.D
     # score that the jackknife would count as images)
     wide = part.pivot(index=["image", "label"], columns=["metric", "method"], values="score")
     labels = wide.index.get_level_values("label").to_numpy()
-    rows = []
+    rows, random_effects = [], {}  # per metric: Random's ε² and its leave-one-out values, computed once
     for (metric, method), one in part.groupby(["metric", "method"], sort=False):
         values = one["score"].to_numpy(dtype=float)
         groups = [g.dropna().to_numpy() for _, g in one.groupby("label")["score"]]
@@ -832,11 +833,13 @@ def class_dependence(table: pd.DataFrame, variant: str, ci: bool = True) -> pd.D
                "cv": np.nanstd(values, ddof=1) / abs(mean) if mean else np.nan,
                "excess": np.nan, "excess_low": np.nan, "excess_high": np.nan}
         if ci and method != "random" and (metric, "random") in wide:
-            ours, random = wide[(metric, method)].to_numpy(), wide[(metric, "random")].to_numpy()
-            leave_out = class_effect_leave_one_out(ours, labels) - class_effect_leave_one_out(random, labels)
+            if metric not in random_effects:
+                random = wide[(metric, "random")].to_numpy()
+                random_effects[metric] = class_effect(random, labels), class_effect_leave_one_out(random, labels)
+            random_effect, random_leave_out = random_effects[metric]
+            leave_out = class_effect_leave_one_out(wide[(metric, method)].to_numpy(), labels) - random_leave_out
             try:
-                interval = metrics.jackknife_interval(class_effect(ours, labels) - class_effect(random, labels),
-                                                      leave_out)
+                interval = metrics.jackknife_interval(row["epsilon2"] - random_effect, leave_out)
                 row.update(excess=interval.estimate, excess_low=interval.low, excess_high=interval.high)
             except ValueError:
                 pass
