@@ -49,7 +49,10 @@ def test_profiles_give_the_documented_variant_grids():
     labels = [v.label for v in t.settings_variants(t.experiment_settings("paper"))]
     assert len(set(labels)) == 32 and labels[0] == "mean·pixel·prob" and "uniform·patch·logit·abs" in labels
     assert t.experiment_settings("quick", n_images=None)["n_images"] >= 100
-    assert t.experiment_settings("paper")["n_images"] == 200
+    digits = t.load_dataset("digits", 0, t.experiment_settings("quick"))
+    assert t.experiment_settings("quick")["n_images"] == len(digits["test"]["labels"]) == 397  # every test image
+    assert t.experiment_settings("paper", "synth_cifar")["n_images"] == 400
+    assert t.experiment_settings("quick", n_images=50)["n_images"] == 50
 
 
 def test_settings_resolve_per_dataset_values_and_the_primary_score():

@@ -96,6 +96,7 @@ def experiment_settings(profile: str, dataset: str = "digits", **overrides) -> d
     s = config.settings(profile, SECTION, **overrides)
     for key in TRAINING_SETTINGS:  # dataset="folder": no training, so none of them applies
         s[key] = None if dataset == "folder" else _for_dataset(s[key], dataset)
+    s["n_images"] = _for_dataset(s["n_images"], dataset)
     s["map_batch_size"] = MAP_BATCH_SIZE
     if s["score"] not in OUTPUTS:
         raise ValueError(f"score must be one of {list(OUTPUTS)}, got {s['score']!r}")
