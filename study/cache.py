@@ -70,6 +70,21 @@ def file_key(paths) -> str:
     return digest.hexdigest()[:20]
 
 
+def code_key(notebook) -> str:
+    """A digest of the code a notebook run executes: its code cells' sources and every module of the
+    `study` package (contents, not times). Outputs and narrative do not count, so refreshing a
+    notebook changes nothing here; editing an experiment step or a profile does."""
+    digest = hashlib.sha256()
+    for cell in json.loads(Path(notebook).read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            source = cell["source"]
+            digest.update(("".join(source) if isinstance(source, list) else source).encode() + b"\0")
+    package = Path(__file__).resolve().parent
+    for module in sorted(package.rglob("*.py")):
+        digest.update(f"{module.relative_to(package).as_posix()}\0".encode() + module.read_bytes() + b"\0")
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
 def path(section: str, name: str, params: dict, suffix: str, cache_dir=None) -> Path:
     """Where the result of (name, params) lives: `<cache_dir or CACHE_DIR>/<section>/<name>-<key><suffix>`."""
     return Path(config.CACHE_DIR if cache_dir is None else cache_dir) / section / f"{name}-{key(name, params)}{suffix}"

@@ -126,7 +126,7 @@ def robustness(
     machine: str | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Run `notebook` at `profile` once per seed set (through the sweep's one parallel map) and tabulate
-    the verdicts. Finished seed sets are skipped on a rerun. `parameters`: other papermill
+    the verdicts. Seed sets finished with the same code are skipped on a rerun. `parameters`: other papermill
     parameters, the same for every seed set (e.g. {"n_models": 5}); they name the folder, so that
     reruns at other settings never mix.
 

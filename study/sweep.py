@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study import config, parallel, runner
+from study import cache, config, parallel, runner
 
 
 def parse_grid_values(text: str) -> list:
@@ -34,24 +34,38 @@ def point_name(point: dict) -> str:
 
 
 def run_point(notebook: str, point: dict, point_dir: str) -> dict:
-    """Run one point unless it already finished; never raises (errors are returned). A folder that
+    """Run one point unless it already finished with the same code; never raises (errors are returned).
+
+    Status "skipped": finished before with this notebook code and this `study` package
+    (`cache.code_key`); "redone": it had finished with other code (or before code was recorded), so
+    it ran again rather than mixing old numbers into the tables; "done"; "failed". A folder that
     holds another finished point (two values with one folder name) is reported as failed, not reused."""
     point_dir = Path(point_dir)
     marker = point_dir / "done.json"
+    try:
+        code = cache.code_key(runner.find_notebook(notebook))
+    except Exception as error:
+        return {"point": point, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+    status = "done"
     if marker.exists():
         finished = json.loads(marker.read_text())
-        if finished == json.loads(json.dumps(point)):
+        finished_point, finished_code = ((finished["point"], finished["code"]) if set(finished) == {"point", "code"}
+                                         else (finished, None))  # a marker written before code was recorded
+        if finished_point != json.loads(json.dumps(point)):
+            return {"point": point, "status": "failed", "error": f"{point_dir} holds the finished point "
+                    f"{finished_point}, not {point}: give the sweep another name"}
+        if finished_code == code:
             return {"point": point, "status": "skipped", "error": None}
-        return {"point": point, "status": "failed",
-                "error": f"{point_dir} holds the finished point {finished}, not {point}: give the sweep another name"}
+        status = "redone"
+        marker.unlink()
     parameters = dict(point)
     parameters.setdefault("figures_dir", str(point_dir / "figures"))
     try:
         runner.run_notebook(notebook, parameters, runs_dir=point_dir, progress=False)
     except Exception as error:  # a failed point must not stop the others
         return {"point": point, "status": "failed", "error": f"{type(error).__name__}: {error}"}
-    marker.write_text(json.dumps(point))
-    return {"point": point, "status": "done", "error": None}
+    marker.write_text(json.dumps({"point": point, "code": code}))
+    return {"point": point, "status": status, "error": None}
 
 
 def sweep(

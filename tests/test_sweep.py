@@ -1,9 +1,11 @@
 """Sweeps: grid parsing, and a two-worker LocalCluster sweep of the tour at smoke size."""
 
+import json
+
 import pytest
 
-from study import sweep
-from study.runner import UsageError
+from study import cache, sweep
+from study.runner import UsageError, find_notebook
 
 
 def test_grid_values_and_points():
@@ -38,19 +40,56 @@ def test_dask_sweep_of_the_tour_runs_skips_and_reports_failures(tmp_path):
     assert [o["status"] for o in again] == ["skipped", "skipped"]
 
 
+def _finished(folder, point, code):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "done.json").write_text(json.dumps({"point": point, "code": code}))
+
+
 def test_a_folder_finished_for_another_point_is_not_taken_for_this_one(tmp_path):
     """'a/b' and 'a-b' share a folder name: the second is reported, never skipped as done."""
     first, second = {"dataset": "a/b"}, {"dataset": "a-b"}
     assert sweep.point_name(first) == sweep.point_name(second)
     folder = tmp_path / sweep.point_name(first)
-    folder.mkdir()
-    (folder / "done.json").write_text('{"dataset": "a/b"}')
+    code = cache.code_key(find_notebook("00_tour"))
+    _finished(folder, first, code)
     assert sweep.run_point("00_tour", first, str(folder))["status"] == "skipped"
     clash = sweep.run_point("00_tour", second, str(folder))
     assert clash["status"] == "failed" and "holds the finished point" in clash["error"]
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "done.json").write_text('{"seeds": [1, 2]}')  # a tuple comes back from JSON as a list
+    _finished(tmp_path / "t", {"seeds": [1, 2]}, code)  # a tuple comes back from JSON as a list
     assert sweep.run_point("00_tour", {"seeds": (1, 2)}, str(tmp_path / "t"))["status"] == "skipped"
+
+
+def test_a_point_finished_with_other_code_runs_again(tmp_path, monkeypatch):
+    """A finished point is reused only if the notebook's code cells and the study package are the ones
+    it ran with; otherwise (or for a marker that recorded no code) it is redone, never mixed in."""
+    point = {"profile": "smoke", "seed": 0}
+    ran = []
+    monkeypatch.setattr(sweep.runner, "run_notebook", lambda notebook, parameters, **kw: ran.append(parameters))
+    folder = tmp_path / "p"
+    _finished(folder, point, "an older code key")
+    assert sweep.run_point("00_tour", point, str(folder))["status"] == "redone" and len(ran) == 1
+    assert json.loads((folder / "done.json").read_text()) == {"point": point,
+                                                               "code": cache.code_key(find_notebook("00_tour"))}
+    assert sweep.run_point("00_tour", point, str(folder))["status"] == "skipped" and len(ran) == 1
+    (folder / "done.json").write_text(json.dumps(point))  # written before code was recorded
+    assert sweep.run_point("00_tour", point, str(folder))["status"] == "redone" and len(ran) == 2
+    assert sweep.run_point("no_such_notebook", point, str(tmp_path / "q"))["status"] == "failed"
+
+
+def test_code_key_follows_code_cells_not_outputs_or_narrative(tmp_path):
+    notebook = json.loads(find_notebook("00_tour").read_text())
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(notebook))
+    key = cache.code_key(path)
+    code_cell = next(c for c in notebook["cells"] if c["cell_type"] == "code")
+    markdown = next(c for c in notebook["cells"] if c["cell_type"] == "markdown")
+    code_cell["outputs"], markdown["source"] = [], ["other narrative"]
+    path.write_text(json.dumps(notebook))
+    assert cache.code_key(path) == key
+    code_cell["source"] = ["x = 1  # another step"]
+    path.write_text(json.dumps(notebook))
+    assert cache.code_key(path) != key
+    assert len(key) == cache.KEY_LENGTH and int(key, 16) >= 0
 
 
 def test_concatenated_tables_keep_the_verdict_n_a_and_read_empty_cells_as_missing(tmp_path):
