@@ -178,7 +178,19 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        exact_cuda_arithmetic()
     return torch.Generator().manual_seed(seed)
+
+
+def exact_cuda_arithmetic() -> None:
+    """On CUDA: deterministic cuDNN/cuBLAS algorithms and full float32 precision (cuDNN's convolutions
+    default to TF32 on Ampere and later, a reduced precision no test here has checked). Called by
+    `seed_everything` and in every parallel worker; no effect on CPU arithmetic. (Some CUDA kernels
+    have no deterministic version, e.g. the backward of bilinear `interpolate`: in the notebook
+    process `seed_everything` makes them warn, and their results may vary between GPU runs.)"""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

@@ -62,7 +62,7 @@ def explain_and_score(model: torch.nn.Module, image: torch.Tensor, target: int, 
         raise ValueError(f"image must be a (C, H, W) tensor, got {getattr(image, 'shape', type(image).__name__)}")
     options = dict(options or {})
     images, targets = image[None], torch.tensor([int(target)])
-    masks = None if mask is None else torch.as_tensor(mask).reshape(1, 1, *image.shape[-2:]).float()
+    masks = None if mask is None else torch.as_tensor(mask).detach().cpu().reshape(1, 1, *image.shape[-2:]).float()
     if method == "ground_truth":
         if masks is None and boxes is None:
             raise ValueError("the ground_truth map needs masks or boxes")

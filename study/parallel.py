@@ -34,6 +34,7 @@ def default_scheduler() -> str | None:
 
 def _run_job(function: Callable, job: tuple, cache_dir: str, threads: int | None):
     config.CACHE_DIR = Path(cache_dir)
+    config.exact_cuda_arithmetic()
     if threads:
         torch.set_num_threads(int(threads))
     return function(*job)

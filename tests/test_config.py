@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -47,3 +49,15 @@ def test_seed_everything_is_deterministic():
     again = torch.rand(3, generator=config.seed_everything(5))
     assert torch.equal(first, again)
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_cuda_arithmetic_is_deterministic_full_float32(monkeypatch):
+    # no TF32 (cuDNN's default for convolutions) and no autotuned cuDNN algorithms; flags only, so
+    # this holds on a CPU-only build as well
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    torch.backends.cudnn.allow_tf32 = True
+    config.seed_everything(0)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -62,6 +62,16 @@ def test_ground_truth_map_is_offered_only_with_masks_or_boxes_and_points_at_the_
     assert from_boxes["region"].sum() == 64
 
 
+def test_a_mask_still_attached_to_a_graph_or_a_device_is_read_on_the_cpu(setup):
+    # the masks are converted to numpy for the pointing game: a CUDA mask (or, here on the CPU, one
+    # that requires grad) must be detached and moved first, not fail in .numpy()
+    model, images, labels, masks = setup
+    plain = explain_and_score(model, images[0], int(labels[0]), "gradient", mask=masks[0], steps=4)
+    tracked = explain_and_score(model, images[0], int(labels[0]), "gradient",
+                                mask=masks[0].float().requires_grad_(), steps=4)
+    assert tracked["scores"] == plain["scores"]
+
+
 def test_bad_input_is_a_clear_value_error(setup):
     model, images, labels, _ = setup
     with pytest.raises(ValueError, match="one class per image"):

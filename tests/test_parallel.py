@@ -14,6 +14,10 @@ def _facts(index: int, scale: float) -> dict:
             "pid": os.getpid()}
 
 
+def _cuda_flags() -> dict:
+    return {"tf32": torch.backends.cudnn.allow_tf32, "deterministic": torch.backends.cudnn.deterministic}
+
+
 def _environment(key: str) -> str | None:
     return os.environ.get(key)
 
@@ -64,3 +68,10 @@ def test_bad_arguments_raise(kwargs, message):
     function, jobs = arguments.pop("function"), arguments.pop("jobs")
     with pytest.raises(ValueError, match=message):
         parallel.map_jobs(function, jobs, **arguments)
+
+
+def test_jobs_get_the_notebooks_cuda_arithmetic(tmp_path, monkeypatch):
+    # a worker process never calls seed_everything: each job sets full-float32, deterministic CUDA itself
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    torch.backends.cudnn.allow_tf32 = True
+    assert parallel._run_job(_cuda_flags, (), str(tmp_path), None) == {"tf32": False, "deterministic": True}

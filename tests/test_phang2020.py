@@ -265,6 +265,14 @@ def test_worker_processes_fill_the_cache_with_the_same_maskers(smoke_run):
         assert torch.equal(a, b)
 
 
+def test_masker_workers_get_the_device_as_asked_for(smoke_run, monkeypatch):
+    sent = []
+    monkeypatch.setattr(P.parallel, "map_jobs", lambda function, jobs, **kw: sent.extend(jobs) or [0] * len(jobs))
+    s = P.experiment_settings("smoke", rows={"S3": 1, "S5": 1}, few_shot_k=[1], few_shot_classes=[2])
+    P.prefill_maskers(s, smoke_run["d"], {"fix": 3.5e-3, "ca": 3.5e-3}, workers=2, device="auto")
+    assert sent and {job[-1] for job in sent} == {"auto"}
+
+
 def test_figures_and_card_tables(smoke_run, tmp_path):
     from study.plots import save_figure
 

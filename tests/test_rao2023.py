@@ -388,6 +388,15 @@ def test_cached_models_meet_their_inputs_on_the_device(smoke, monkeypatch):
     assert placed_to and set(placed_to) == {"cpu"}
 
 
+def test_run_workers_get_the_device_as_asked_for(smoke, monkeypatch):
+    sent = []
+    monkeypatch.setattr(R.parallel, "map_jobs", lambda function, jobs, **kw: sent.extend(jobs) or [0] * len(jobs))
+    s = smoke["s"]
+    spec = R.baseline_spec(s, R.voc_recipe(s, 0), "bcos", seed=987)  # not trained by the fixture
+    R.ensure([spec], device="auto", workers=2)
+    assert [job[1] for job in sent] == ["auto"]
+
+
 # ----------------------------------------------------------------------------- verdict rules
 
 

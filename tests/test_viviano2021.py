@@ -126,6 +126,16 @@ def test_prefill_trains_batched_seeds_here_and_the_rest_in_workers_then_train_al
         v.experiment_settings("smoke", workers=0)
 
 
+def test_workers_get_the_device_as_asked_for_not_this_process_choice(smoke, monkeypatch):
+    # on a Dask scheduler a worker may lack this process's GPU: "auto" lets each worker choose its own
+    sent = []
+    monkeypatch.setattr(v, "is_cached", lambda *args, **kwargs: False)
+    monkeypatch.setattr(v.parallel, "map_jobs", lambda function, jobs, **kw: sent.extend(jobs) or [0] * len(jobs))
+    s = {**smoke, "methods": ["baseline", "shuffle"], "n_seeds": 2, "workers": 2, "threads": 1}
+    v.prefill(v.SYNTHETIC, s, 0, device="auto")
+    assert sent and {job[5] for job in sent} == {"auto"}
+
+
 @pytest.mark.parametrize("method", ["gradmask", "rrr"])  # plain CE (masked, ...) is covered by test_train_many
 def test_seeds_trained_together_match_train_method_one_by_one(smoke, tmp_path, monkeypatch, method):
     """fit_many over the seeds (per-seed data, masks and batch order; the input-gradient losses

@@ -430,17 +430,18 @@ def run_job(clf: dict, d: dict, s: dict, lambda_tv: dict, job: tuple, device: st
 _WORKER_STATE: dict = {}
 
 
-def _worker_job(s: dict, seed: int, dataset: str, lambda_tv: dict, job: tuple) -> float:
-    """A masker trained in a worker process (it only fills the disk cache); returns its seconds.
-    The data and the (cached) classifier are loaded once per worker process."""
+def _worker_job(s: dict, seed: int, dataset: str, lambda_tv: dict, job: tuple, device: str = "auto") -> float:
+    """A masker trained in a worker process (it only fills the disk cache) on `device` as the caller
+    asked for it ("auto": the worker's own); returns its seconds. The data and the (cached)
+    classifier are loaded once per worker process."""
     start = time.perf_counter()
-    key = (seed, dataset, repr(sorted(s.items())), str(config.CACHE_DIR))
+    key = (seed, dataset, repr(sorted(s.items())), str(config.CACHE_DIR), device)
     if key not in _WORKER_STATE:
         d = load_data(s, seed, dataset)
         _WORKER_STATE.clear()
-        _WORKER_STATE[key] = (d, train_classifier(d, s, device="cpu"))
+        _WORKER_STATE[key] = (d, train_classifier(d, s, device=device))
     d, clf = _WORKER_STATE[key]
-    run_job(clf, d, s, lambda_tv, job, device="cpu")
+    run_job(clf, d, s, lambda_tv, job, device=device)
     return time.perf_counter() - start
 
 
@@ -458,7 +459,7 @@ def prefill_maskers(s: dict, d: dict, lambda_tv: dict, workers: int, device: str
     if not todo:
         return 0
     heavy_first = sorted(todo, key=lambda job: GRID_ROWS[job[0]]["classifier_mode"] != "ca")
-    parallel.map_jobs(_worker_job, [(s, d["seed"], d["dataset"], lambda_tv, job) for job in heavy_first],
+    parallel.map_jobs(_worker_job, [(s, d["seed"], d["dataset"], lambda_tv, job, str(device)) for job in heavy_first],
                       workers=workers, threads=1)
     return len(todo)
 

@@ -492,7 +492,8 @@ def ensure(specs: list[dict], device="auto", workers: int = 1, threads: int | No
     missing = [sp for p, sp in unique.items() if not p.is_file()]
     start = time.perf_counter()
     workers = workers if device_name == "cpu" else 1
-    parallel.map_jobs(_compute_and_store, [(sp, device_name) for sp in missing], workers=workers, threads=threads)
+    # workers get the device as asked for ("auto": their own), not this process's choice
+    parallel.map_jobs(_compute_and_store, [(sp, str(device)) for sp in missing], workers=workers, threads=threads)
     return {"runs": len(unique), "computed": len(missing), "seconds": time.perf_counter() - start}
 
 

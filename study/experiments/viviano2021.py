@@ -463,10 +463,11 @@ def prefill(dataset: str, s: dict, seed: int, device="auto", data_root=None, act
                 missing.setdefault(method, []).append(run_seed)
     jobs = [(m, rs) for m, group in missing.items() for rs in ([group] if m in BATCHED_METHODS else [[r] for r in group])]
     jobs.sort(key=lambda job: (-len(job[1]), _COST_ORDER.index(job[0]) if job[0] in _COST_ORDER else len(_COST_ORDER)))
-    device = config.get_device(device)
-    if (workers == 1 or len(jobs) < 2 or device.type != "cpu") and parallel.default_scheduler() is None:
-        return sum(_run_job(m, rs, dataset, s, flip_prob, device, data_root, actdiff_apply_lambda, skip_empty_masks)
+    here = config.get_device(device)
+    if (workers == 1 or len(jobs) < 2 or here.type != "cpu") and parallel.default_scheduler() is None:
+        return sum(_run_job(m, rs, dataset, s, flip_prob, here, data_root, actdiff_apply_lambda, skip_empty_masks)
                    for m, rs in jobs if m in BATCHED_METHODS)
+    # workers get the device as asked for ("auto": their own), not this process's choice
     payloads = [(m, rs, dataset, s, flip_prob, str(device), data_root, actdiff_apply_lambda, skip_empty_masks)
                 for m, rs in jobs]
     return sum(parallel.map_jobs(_run_job, payloads, workers=workers, threads=s.get("threads")))
