@@ -72,6 +72,7 @@ def test_bad_arguments_raise(kwargs, message):
 
 def test_jobs_get_the_notebooks_cuda_arithmetic(tmp_path, monkeypatch):
     # a worker process never calls seed_everything: each job sets full-float32, deterministic CUDA itself
+    monkeypatch.setattr(config, "CACHE_DIR", config.CACHE_DIR)  # _run_job sets it; here it runs in this process
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     torch.backends.cudnn.allow_tf32 = True
     assert parallel._run_job(_cuda_flags, (), str(tmp_path), None) == {"tf32": False, "deterministic": True}
