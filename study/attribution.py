@@ -77,6 +77,7 @@ from zennit.types import BatchNorm as ZennitBatchNorm
 from zennit.types import Convolution as ZennitConvolution
 from zennit.types import Linear as ZennitLinear
 
+from study import config
 from study.metrics.localisation import rasterise_boxes
 from study.models import get_layer
 from study.train import progress_enabled
@@ -312,8 +313,7 @@ def _smoothgrad(model, images, targets, *, samples=25, sigma=0.15, absolute=None
             raise ValueError("absolute applies to base='gradient' only; take absolute() of the map instead")
         explainer = NoiseTunnel(IntegratedGradients(model))
         kwargs.update(n_steps=_positive_int(steps, "steps"), baselines=_baseline(images, baseline, None))
-    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with config.seeded(seed):
         attributions = explainer.attribute(images, **kwargs)
     return _reduce(attributions, reduce)
 

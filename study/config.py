@@ -7,6 +7,7 @@ profile's value through `settings(profile, section, **overrides)`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -181,6 +182,20 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
         torch.use_deterministic_algorithms(True, warn_only=True)
         exact_cuda_arithmetic()
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's global generators seeded by `seed` and restore them after it: for code
+    that draws from the global generator and takes no generator of its own (captum's NoiseTunnel, a
+    module's `reset_parameters`). `torch.manual_seed` reseeds every CUDA device, so every initialised
+    one is restored too."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def exact_cuda_arithmetic() -> None:

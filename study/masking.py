@@ -604,8 +604,7 @@ def train_masker(classifier: nn.Module, images: torch.Tensor, labels: torch.Tens
     torch_gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(int(seed))
     classifier = copy.deepcopy(classifier).to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
+    with config.seeded(int(seed)):
         masker = Masker(classifier.channels, spec.layers, spec.hidden, spec.grid, images.shape[-1]).to(device)
     opt_m = torch.optim.Adam(masker.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.fixed:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -61,3 +62,46 @@ def test_cuda_arithmetic_is_deterministic_full_float32(monkeypatch):
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_seeded_block_is_reproducible_and_leaves_the_global_generator_alone():
+    torch.manual_seed(11)
+    expected_after = torch.rand(2)
+    torch.manual_seed(11)
+    with config.seeded(3):
+        inside = torch.rand(4)
+    after = torch.rand(2)
+    with config.seeded(3):
+        again = torch.rand(4)
+    assert torch.equal(inside, again)
+    assert torch.equal(after, expected_after)  # as if the block had not run
+    with config.seeded(4):
+        assert not torch.equal(torch.rand(4), inside)
+
+
+def test_seeded_forks_every_cuda_device_manual_seed_touches(monkeypatch):
+    # torch.manual_seed seeds every CUDA device, so all of them must be restored, not only the one in use
+    forked = []
+
+    @contextlib.contextmanager
+    def record(devices):
+        forked.append(list(devices))
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", record)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with config.seeded(0):
+        pass
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with config.seeded(0):
+        pass
+    assert forked == [[0, 1], []]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3", None])
+def test_seeded_refuses_a_bad_seed(seed):
+    with pytest.raises(ValueError, match="non-negative int"):
+        with config.seeded(seed):
+            pass

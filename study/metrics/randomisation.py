@@ -23,6 +23,7 @@ from scipy import stats
 from skimage.metrics import structural_similarity
 from torch import nn
 
+from study import config
 from study.metrics.localisation import _flat, _maps
 
 __all__ = [
@@ -144,9 +145,7 @@ def _randomise_module(module: nn.Module, seed: int, init: str) -> None:
     covered: set[int] = set()
     with torch.no_grad():
         if init == "reset":
-            devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+            with config.seeded(seed):
                 for sub in module.modules():
                     if callable(getattr(sub, "reset_parameters", None)):
                         sub.reset_parameters()
