@@ -201,6 +201,24 @@ def test_a_larger_test_split_retrains_nothing(smoke_run):
     assert P.classifier_params(d, {**s, "n_train": s["n_train"] + 8}) != P.classifier_params(d, s)
 
 
+def test_a_classifier_replicate_retrains_on_the_same_data_from_its_own_seed(smoke_run):
+    """Replicate 0 is the notebook's classifier (same key, from the cache); replicate k > 0 is another
+    training run on the same data: another key, other weights."""
+    d, s, clf = smoke_run["d"], smoke_run["s"], smoke_run["clf"]
+    assert P.classifier_params(d, s, replicate=0) == P.classifier_params(d, s)
+    assert P.classifier_seed(d["seed"], 0) == d["seed"]
+    again = P.train_classifier(d, s, device="cpu", replicate=0)
+    assert again["from_cache"] and again["key"] == clf["key"]
+    other = P.train_classifier(d, s, device="cpu", replicate=1)
+    assert not other["from_cache"] and other["key"] != clf["key"]
+    assert P.classifier_seed(d["seed"], 1) not in {d["seed"], P.masker_seed(d["seed"], 1)}
+    first = dict(clf["model"].named_parameters())
+    assert any(not torch.equal(p, first[name]) for name, p in other["model"].named_parameters())
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="replicate"):
+            P.classifier_seed(d["seed"], bad)
+
+
 def test_baselines_follow_the_card_invariants(smoke_run):
     table = smoke_run["table"].set_index("method")
     assert table.loc["ground truth", "LE"] == 0.0  # invariant 10

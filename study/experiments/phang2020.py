@@ -172,31 +172,48 @@ def data_key(d: dict, s: dict) -> dict:
 # ============================================================================ classifier
 
 
-def classifier_params(d: dict, s: dict, shuffle_labels: bool = False) -> dict:
-    return {"data": data_key(d, s), "widths": list(s["widths"]), "stem_stride": s["stem_stride"],
-            "epochs": s["epochs"], "batch_size": 72, "lr": 1e-3, "shuffle_labels": shuffle_labels, "version": 1}
+def classifier_params(d: dict, s: dict, shuffle_labels: bool = False, replicate: int = 0) -> dict:
+    params = {"data": data_key(d, s), "widths": list(s["widths"]), "stem_stride": s["stem_stride"],
+              "epochs": s["epochs"], "batch_size": 72, "lr": 1e-3, "shuffle_labels": shuffle_labels, "version": 1}
+    classifier_seed(d["seed"], replicate)  # ValueError on a bad replicate
+    if replicate:  # replicate 0 keeps the key it always had
+        params["replicate"] = int(replicate)
+    return params
 
 
-def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: bool = False) -> dict:
+def classifier_seed(data_seed: int, replicate: int) -> int:
+    """The seed of classifier `replicate` on the data of `data_seed`: the data seed itself for
+    replicate 0 (the notebook's classifier), else one derived from both (never a masker's seed)."""
+    if isinstance(replicate, bool) or not isinstance(replicate, (int, np.integer)) or replicate < 0:
+        raise ValueError(f"replicate must be a non-negative int, got {replicate!r}")
+    if replicate == 0:
+        return data_seed
+    return int(np.random.SeedSequence([data_seed, 17, int(replicate)]).generate_state(1)[0])
+
+
+def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: bool = False, replicate: int = 0) -> dict:
     """Pre-train the §5.2 classifier on clean images (Adam 1e-3, batch 72, cached).
 
     No flips or crops: a horizontal flip turns a grating of angle θ into 180° − θ, i.e. into
     another class of SynthParts-64. `shuffle_labels=True` trains on a seeded permutation of the
-    labels (the data-randomisation control). Returns the model, its test accuracy and history.
+    labels (the data-randomisation control). `replicate` k > 0 trains another classifier on the same
+    data from its own seed (initial weights and batch order; `classifier_seed`). Returns the model,
+    its test accuracy and history.
     """
-    params = classifier_params(d, s, shuffle_labels)
+    params = classifier_params(d, s, shuffle_labels, replicate)
+    seed = classifier_seed(d["seed"], replicate)
     labels = d["y_train"].numpy()
     if shuffle_labels:
         labels = np.random.default_rng([d["seed"], 7]).permutation(labels)
     arrays = {"images": d["x_train"].numpy(), "labels": labels}
 
     def build():
-        config.seed_everything(d["seed"])
+        config.seed_everything(seed)
         return PartsClassifier(d["num_classes"], tuple(s["widths"]), s["stem_stride"])
 
     def fit(model):
-        config.seed_everything(d["seed"])
-        loader = data.make_loader(arrays, batch_size=72, shuffle=True, seed=d["seed"])
+        config.seed_everything(seed)
+        loader = data.make_loader(arrays, batch_size=72, shuffle=True, seed=seed)
         return train.fit(model, loader, epochs=s["epochs"], lr=1e-3, device=device)
 
     name = "phang2020_classifier" + ("_shuffled" if shuffle_labels else "")
