@@ -183,7 +183,7 @@ def classifier_params(d: dict, s: dict, shuffle_labels: bool = False, replicate:
 
 def classifier_seed(data_seed: int, replicate: int) -> int:
     """The seed of classifier `replicate` on the data of `data_seed`: the data seed itself for
-    replicate 0 (the notebook's classifier), else one derived from both (never a masker's seed)."""
+    replicate 0 (the notebook's classifier), else one derived from both by `np.random.SeedSequence`."""
     if isinstance(replicate, bool) or not isinstance(replicate, (int, np.integer)) or replicate < 0:
         raise ValueError(f"replicate must be a non-negative int, got {replicate!r}")
     if replicate == 0:
