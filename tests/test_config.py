@@ -93,10 +93,10 @@ def test_seeded_forks_every_cuda_device_manual_seed_touches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with config.seeded(0):
-        pass
+        torch.rand(1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     with config.seeded(0):
-        pass
+        torch.rand(1)
     assert forked == [[0, 1], []]
 
 
@@ -104,4 +104,4 @@ def test_seeded_forks_every_cuda_device_manual_seed_touches(monkeypatch):
 def test_seeded_refuses_a_bad_seed(seed):
     with pytest.raises(ValueError, match="non-negative int"):
         with config.seeded(seed):
-            pass
+            torch.rand(1)
