@@ -164,17 +164,19 @@ def smoke_run(tmp_path_factory):
     try:
         s = P.experiment_settings("smoke", rows={"S1": 1, "S3": 2, "S6": 1}, n_fong=4)
         d = P.load_data(s, 0)
-        clf = P.train_classifier(d, s, device="cpu")
+        classifiers = P.train_classifiers(d, s, device="cpu")
+        clf = classifiers[0]
         baselines, maps = P.baseline_results(clf, d, s, device="cpu")
         tv, _ = P.tune_tv(clf, d, s)
-        runs, grid = P.train_grid(clf, d, s, tv, device="cpu")
-        _, again = P.train_grid(clf, d, s, tv, device="cpu")
+        runs, grid = P.train_grid(classifiers, d, s, tv, device="cpu")
+        _, again = P.train_grid(classifiers, d, s, tv, device="cpu")
         table = P.ablation_table(grid, baselines)
-        curve = P.few_shot(clf, d, s, tv, grid, device="cpu")
+        curve = P.few_shot(classifiers, d, s, tv, grid, device="cpu")
         leak = P.leak_check({("S6", 0): runs[("S6", 0)]}, d, 0)
-        randomisation = P.randomisation_checks(runs, clf, d, s)
-        yield {"s": s, "d": d, "clf": clf, "baselines": baselines, "maps": maps, "runs": runs, "grid": grid,
-               "again": again, "table": table, "curve": curve, "leak": leak, "randomisation": randomisation}
+        randomisation = P.randomisation_checks(runs, d, s)
+        yield {"s": s, "d": d, "clf": clf, "classifiers": classifiers, "baselines": baselines, "maps": maps,
+               "runs": runs, "grid": grid, "again": again, "table": table, "curve": curve, "leak": leak,
+               "randomisation": randomisation}
     finally:
         config.CACHE_DIR = original
 
@@ -210,13 +212,45 @@ def test_a_classifier_replicate_retrains_on_the_same_data_from_its_own_seed(smok
     again = P.train_classifier(d, s, device="cpu", replicate=0)
     assert again["from_cache"] and again["key"] == clf["key"]
     other = P.train_classifier(d, s, device="cpu", replicate=1)
-    assert not other["from_cache"] and other["key"] != clf["key"]
+    assert other["key"] != clf["key"] and other["key"] == smoke_run["classifiers"][1]["key"]
     assert P.classifier_seed(d["seed"], 1) not in {d["seed"], P.masker_seed(d["seed"], 1)}
     first = dict(clf["model"].named_parameters())
     assert any(not torch.equal(p, first[name]) for name, p in other["model"].named_parameters())
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="replicate"):
             P.classifier_seed(d["seed"], bad)
+
+
+def test_one_classifier_per_replicate_under_every_masker(smoke_run):
+    """Replicate r's maskers sit on classifier r: the grid trains as many classifiers as its most
+    replicated row (or claim 4's few-shot pair), and each masker's key and frozen classifier are its
+    replicate's."""
+    s, classifiers, runs = smoke_run["s"], smoke_run["classifiers"], smoke_run["runs"]
+    assert P.n_classifiers(s) == len(classifiers) == 2  # S3 × 2 replicates, few_shot_seeds 2
+    assert P.n_classifiers({**s, "rows": {"S3": 5, "S6": 3}}) == 5
+    assert P.n_classifiers({**s, "rows": {"S3": 1}, "few_shot_seeds": 3}) == 3
+    assert P.n_classifiers({**s, "rows": {"S3": 1}, "few_shot_rows": [], "few_shot_seeds": 3}) == 1
+    assert classifiers[0]["key"] != classifiers[1]["key"]
+    for (row, replicate), run in runs.items():
+        own = classifiers[replicate]["model"].state_dict()
+        if run.spec.fixed:
+            assert all(torch.equal(v, own[k]) for k, v in run.classifier.state_dict().items())
+    first, second = runs[("S3", 0)].classifier.state_dict(), runs[("S3", 1)].classifier.state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert P.train_classifiers(smoke_run["d"], s, device="cpu")[1]["from_cache"]
+
+
+def test_baseline_le_gives_each_classifier_its_own_cam_and_fong(smoke_run):
+    d, s, classifiers = smoke_run["d"], smoke_run["s"], smoke_run["classifiers"]
+    table = P.baseline_le(classifiers, d, s, device="cpu", first=smoke_run["baselines"])
+    assert sorted(zip(table["method"], table["replicate"])) == [("CAM", 0), ("CAM", 1), ("Fong & Vedaldi", 0),
+                                                                  ("Fong & Vedaldi", 1)]
+    summary = smoke_run["table"].set_index("method")["LE"]
+    first = table[table["replicate"] == 0].set_index("method")["LE"]
+    assert first["CAM"] == summary["CAM"] and first["Fong & Vedaldi"] == summary["Fong & Vedaldi"]
+    own = P.baseline_results(classifiers[1], d, s, device="cpu")[0]
+    second = table[table["replicate"] == 1].set_index("method")["LE"]
+    assert second["CAM"] == P.summarise(own["CAM"])["LE"]
 
 
 def test_baselines_follow_the_card_invariants(smoke_run):
@@ -275,7 +309,7 @@ def test_worker_processes_fill_the_cache_with_the_same_maskers(smoke_run):
     assert P.prefill_maskers(s, d, tv, workers=1) == 0  # one worker: nothing in parallel
     assert P.prefill_maskers(s, d, tv, workers=2) == 1  # only S4 is new; the others are cached by the fixture
     assert P.prefill_maskers(s, d, tv, workers=2) == 0
-    cached, _ = P.run_job(smoke_run["clf"], d, s, tv, ("S4", 0, "all", None), device="cpu")
+    cached, _ = P.run_job(smoke_run["classifiers"], d, s, tv, ("S4", 0, "all", None), device="cpu")
     assert cached.from_cache
     fresh = masking.train_masker(smoke_run["clf"]["model"], d["x_train"], d["y_train"], P.row_spec("S4", s, 3.5e-3),
                                  seed=P.masker_seed(0, 0), device="cpu")
@@ -339,21 +373,27 @@ K10 = "10 examples per class lose only a few LE points against a 1-epoch masker 
 FEW = "A masker trained on few classes generalises worse (S3)"
 
 
-def test_row_difference_is_welch_over_seeds_and_rejects_bad_input():
-    from scipy import stats
-
-    table = seeds(S1=[40.0, 44.0, 47.0], S3=[20.0, 22.0, 27.0, 21.0])
+def test_row_difference_is_paired_by_replicate_and_rejects_bad_input():
+    table = seeds(S1=[40.0, 42.0, 44.0], S3=[20.0, 21.0, 25.0, 90.0])  # S3's 4th replicate has no S1 pair
     diff = P.row_difference(table, "S1", "S3")
-    ci = stats.ttest_ind([40, 44, 47], [20, 22, 27, 21], equal_var=False).confidence_interval()
-    assert diff["mean"] == pytest.approx(43.666666 - 22.5, abs=1e-4)
-    assert (diff["low"], diff["high"]) == pytest.approx((ci.low, ci.high))
-    assert (diff["n_a"], diff["n_b"]) == (3, 4)
+    # differences 20, 21, 19: mean 20, sd 1, half-width t(0.975, 2) · 1/√3 = 4.3027 · 0.57735
+    assert diff["mean"] == pytest.approx(20.0)
+    assert (diff["low"], diff["high"]) == pytest.approx((20 - 2.48419, 20 + 2.48419), abs=1e-4)
+    assert diff["n"] == 3
+    shuffled = table.sample(frac=1.0, random_state=0)  # pairs follow the replicate, not the row order
+    assert P.row_difference(shuffled, "S1", "S3") == diff
     single = P.row_difference(seeds(S1=[40.0], S3=[20.0, 22.0]), "S1", "S3")
-    assert single["low"] == single["high"] == single["mean"] == pytest.approx(19.0)  # one seed: the point
+    assert single["low"] == single["high"] == single["mean"] == pytest.approx(20.0)  # one pair: the point
+    constant = P.row_difference(seeds(S1=[40.0, 45.0], S3=[20.0, 25.0]), "S1", "S3")
+    assert constant["low"] == constant["high"] == 20.0  # no spread in the differences: the point
+    with pytest.raises(ValueError, match="replicate in common"):
+        P.row_difference(pd.concat([seeds(S1=[40.0]), seeds(S3=[20.0, 21.0]).iloc[1:]]), "S1", "S3")
+    with pytest.raises(ValueError, match="one LE per replicate"):
+        P.row_difference(pd.concat([table, seeds(S1=[41.0])]), "S1", "S3")
     with pytest.raises(ValueError, match="S9"):
         P.row_difference(table, "S9", "S3")
     with pytest.raises(ValueError, match="per-seed table"):
-        P.row_difference(pd.DataFrame({"x": [1]}), "S1", "S3")
+        P.row_difference(pd.DataFrame({"row": ["S1"], "LE": [1.0]}), "S1", "S3")  # no replicate column
     with pytest.raises(ValueError, match="per_seed"):
         P.findings(pd.DataFrame(), pd.DataFrame({"row": ["S1"]}))
 
@@ -369,7 +409,7 @@ def test_both_objectives_rule_pass_fail_partly_and_straddle():
     straddle = {**good, "S2": [20.0, 58.0, 96.0]}
     row = next(r for r in P.findings(None, seeds(**straddle)) if r["claim"] == BOTH)
     assert row["verdict"] == "inconclusive"
-    assert "Welch t CI over 3+3 seeds" in row["uncertainty"] and "S2: 3" in row["n"]
+    assert "t CI over 3 paired replicate(s), one classifier each" in row["uncertainty"] and "S2: 3" in row["n"]
     assert verdicts(P.findings(None, seeds(S3=around(20), S6=around(15))))[BOTH] == "not tested"
 
 
@@ -417,15 +457,22 @@ def test_objective_type_rule_for_s7():
     assert verdicts(P.findings(None, seeds(S6=around(30), S7=[10.0, 30.0, 50.0])))[ENTROPY] == "inconclusive"
 
 
-def test_baseline_rule_uses_the_seed_interval():
+def test_baseline_rule_pairs_each_masker_with_its_classifiers_baselines():
     def table(cam, fong):
-        return pd.DataFrame({"method": ["CAM", "Fong & Vedaldi"], "LE": [cam, fong]})
+        return pd.DataFrame([{"method": m, "replicate": r, "LE": le[r]}
+                             for m, le in (("CAM", cam), ("Fong & Vedaldi", fong)) for r in range(3)])
 
-    per_seed = seeds(S3=around(20), S6=around(40))
-    assert verdicts(P.findings(table(50, 45), per_seed))[BASELINES] == "reproduced"
-    assert verdicts(P.findings(table(50, 10), per_seed))[BASELINES] == "partly reproduced"
-    assert verdicts(P.findings(table(10, 10), per_seed))[BASELINES] == "not reproduced"
-    assert verdicts(P.findings(table(50, 20), per_seed))[BASELINES] == "inconclusive"
+    per_seed = seeds(S3=[19.0, 22.0, 21.0], S6=around(40))  # S3 is the better row
+    assert verdicts(P.findings(table([50] * 3, [45] * 3), per_seed))[BASELINES] == "reproduced"
+    assert verdicts(P.findings(table([50] * 3, [10] * 3), per_seed))[BASELINES] == "partly reproduced"
+    assert verdicts(P.findings(table([10] * 3, [10] * 3), per_seed))[BASELINES] == "not reproduced"
+    assert verdicts(P.findings(table([50] * 3, [20] * 3), per_seed))[BASELINES] == "inconclusive"
+    # the same levels, paired: each classifier's Fong & Vedaldi is 2 points worse than its masker
+    row = next(r for r in P.findings(table([50] * 3, [21.0, 24.0, 23.0]), per_seed) if r["claim"] == BASELINES)
+    assert row["verdict"] == "reproduced" and "S3−Fong & Vedaldi -2.0" in row["uncertainty"]
+    assert verdicts(P.findings(None, per_seed))[BASELINES] == "not tested"
+    with pytest.raises(ValueError, match="baseline_le"):
+        P.findings(pd.DataFrame({"method": ["CAM"], "LE": [50.0]}), per_seed)
 
 
 def per_image(le):
@@ -478,7 +525,7 @@ def test_few_shot_k10_rule_uses_the_spread_over_masker_seeds():
 
     # gaps 1, 2, 3: mean 2, t interval 2 ± 4.303 · 1/√3 = [−0.48, 4.48], below 5 → reproduced
     row = k10_row([1, 2, 3])
-    assert row["verdict"] == "reproduced" and "3 masker seeds" in row["n"] and "[-0.5, 4.5]" in row["uncertainty"]
+    assert row["verdict"] == "reproduced" and "3 replicates" in row["n"] and "[-0.5, 4.5]" in row["uncertainty"]
     assert k10_row([2, 3, 4])["verdict"] == "inconclusive"       # [0.52, 5.48] straddles 5
     assert k10_row([9, 10, 11])["verdict"] == "not reproduced"   # wholly above 5
     # one seed alone looks decided (gap 2 over 200 paired images) where its seeds disagree
@@ -576,18 +623,20 @@ def test_clean_bn_classifier_re_estimates_statistics_only():
 
 
 def test_ca_diagnostics_and_per_image_few_shot_on_the_smoke_run(smoke_run):
-    ca = P.ca_diagnostics(smoke_run["runs"], smoke_run["clf"], smoke_run["d"])
+    ca = P.ca_diagnostics(smoke_run["runs"], smoke_run["classifiers"], smoke_run["d"])
     assert list(ca["row"]) == ["S6"] and ca["masked_updates"].between(0, smoke_run["s"]["steps"]).all()
     assert (ca["masked_images"] == ca["masked_updates"] * smoke_run["s"]["batch_size"]).all()
     assert ca[["LE", "LE_clean_bn"]].stack().between(0, 100).all()
     grid = smoke_run["grid"]
     assert ca["LE"].iloc[0] == pytest.approx(P.summarise(grid[(grid["row"] == "S6") & (grid["replicate"] == 0)])["LE"])
     d, s = smoke_run["d"], smoke_run["s"]
-    curve, images = P.few_shot(smoke_run["clf"], d, s, {"fix": 3.5e-3, "ca": 3.5e-3}, grid, device="cpu", per_image=True)
-    assert {("S3", "all"), ("S3", "1 epoch"), ("S3", "k=1"), ("S3", "N=2")} <= set(images)
+    curve, images = P.few_shot(smoke_run["classifiers"], d, s, {"fix": 3.5e-3, "ca": 3.5e-3}, grid, device="cpu",
+                               per_image=True)
+    assert {("S3", "all"), ("S3", "1 epoch"), ("S3", "k=1"), ("S3", "N=2"), ("S3", "1 epoch", 1)} <= set(images)
     assert all(len(frame) == s["n_test"] for frame in images.values())
     assert "n_pairs" in smoke_run["leak"] and (smoke_run["leak"]["n_pairs"] > 0).all()
-    rows = P.findings(smoke_run["table"], P.per_seed_table(grid), images, smoke_run["leak"],
+    baselines = P.baseline_le(smoke_run["classifiers"], d, s, device="cpu", first=smoke_run["baselines"])
+    rows = P.findings(baselines, P.per_seed_table(grid), images, smoke_run["leak"],
                       smoke_run["randomisation"], None, ca)
     assert all(r["verdict"] in findings.VERDICTS for r in rows)
 

@@ -2,12 +2,13 @@
 
 The protocol card is ../shared/papers/phang2020.md. The story of the notebook:
 
-1. data and classifier (`load_data`, `train_classifier`): SynthParts-64 (three grating-textured
+1. data and classifiers (`load_data`, `train_classifiers`): SynthParts-64 (three grating-textured
    discs per object, each alone identifies the class, plus clutter), and the card's §5.2 residual
-   classifier pre-trained on clean images (cached);
-2. baselines (`baseline_results`): full-image box, centre box, ground-truth box, CAM, Grad-CAM and
-   per-image mask optimisation (Fong & Vedaldi);
-3. the ablation grid S1–S10 of card §5.4 over several seeds (`train_grid`, cached maskers), all
+   classifier pre-trained on clean images (cached), once per replicate: replicate r's maskers sit
+   on classifier r, so every interval over replicates holds the classifier's training noise;
+2. baselines (`baseline_results`, and `baseline_le` per classifier): full-image box, centre box,
+   ground-truth box, CAM, Grad-CAM and per-image mask optimisation (Fong & Vedaldi);
+3. the ablation grid S1–S10 of card §5.4 over several replicates (`train_grid`, cached maskers), all
    evaluated with the box protocol of card E7 (`evaluate_masks`: LE, OM, F1, SM, mask area …);
 4. few-shot maskers (`few_shot`): k examples per class and all examples of N classes, evaluated
    on the full test set;
@@ -225,6 +226,35 @@ def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: boo
             "history": pd.DataFrame(result.history)}
 
 
+def n_classifiers(s: dict) -> int:
+    """How many classifiers a run trains: one per replicate, i.e. the most seeds of any grid row (and
+    of claim 4's few-shot pair). Replicate r's maskers all sit on classifier r, so an interval over
+    replicates holds the classifier's training noise too (one shared classifier moved S2's LE from 18
+    to 88 between classifier seeds; benchmarks/phang_classifier_variance.py)."""
+    return max([*s["rows"].values(), s["few_shot_seeds"] if s["few_shot_rows"] else 1])
+
+
+def _classifier_job(s: dict, seed: int, dataset: str, replicate: int, device: str) -> float:
+    """Classifier `replicate` trained in a worker process (it only fills the disk cache)."""
+    start = time.perf_counter()
+    train_classifier(load_data(s, seed, dataset), s, device, replicate=replicate)
+    return time.perf_counter() - start
+
+
+def train_classifiers(d: dict, s: dict, device: str = "auto", workers: int = 1) -> list[dict]:
+    """Classifiers 0 … `n_classifiers(s)` − 1 (`train_classifier(..., replicate=r)`, cached);
+    classifier 0 is the notebook's. Those not cached yet train in `workers` CPU processes first
+    (as `prefill_maskers`); results do not depend on the number of workers."""
+    replicates = range(n_classifiers(s))
+    todo = [r for r in replicates if not train.fit_cache_path(
+        "phang2020_classifier", classifier_params(d, s, replicate=r)).exists()]
+    if len(todo) > 1 and ((workers > 1 and config.get_device(device).type == "cpu")
+                          or parallel.default_scheduler() is not None):
+        parallel.map_jobs(_classifier_job, [(s, d["seed"], d["dataset"], r, str(device)) for r in todo],
+                          workers=workers, threads=1)
+    return [train_classifier(d, s, device, replicate=r) for r in replicates]
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     device = next(model.parameters()).device
@@ -375,6 +405,21 @@ def baseline_results(clf: dict, d: dict, s: dict, device: str = "auto"
     return out, maps_out
 
 
+BASELINE_METHODS = ("CAM", "Fong & Vedaldi")  # the baselines the trained masker must beat (fig≈)
+
+
+def baseline_le(classifiers: list[dict], d: dict, s: dict, device: str = "auto",
+                first: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """LE (%) of `BASELINE_METHODS` on each classifier (`baseline_results`), one row per (method,
+    replicate): the references of the "beats the baselines" claim, paired with the maskers of the
+    same classifier. `first`: classifier 0's `baseline_results` tables when already computed."""
+    rows = []
+    for replicate, clf in enumerate(classifiers):
+        tables = first if replicate == 0 and first is not None else baseline_results(clf, d, s, device)[0]
+        rows += [{"method": m, "replicate": replicate, "LE": summarise(tables[m])["LE"]} for m in BASELINE_METHODS]
+    return pd.DataFrame(rows)
+
+
 # ============================================================================ maskers: the grid
 
 
@@ -406,8 +451,9 @@ def train_one(clf: dict, d: dict, s: dict, spec: MaskerSpec, replicate: int, sub
 def masker_jobs(s: dict, d: dict) -> list[tuple]:
     """Every masker of the grid and of the few-shot study as (row, replicate, subset kind, value):
     kind "all" (value None), "k" (examples per class), "classes" (N) or "epoch" (one pass). The
-    few-shot points use masker seed replicate 0; claim 4's pair (k = `CLAIM_K` and one epoch) is
-    also trained with replicates 1 … few_shot_seeds − 1, so its interval includes training noise."""
+    few-shot points use replicate 0; claim 4's pair (k = `CLAIM_K` and one epoch) is also trained
+    with replicates 1 … few_shot_seeds − 1, so its interval includes training noise. A job's
+    replicate r names both its masker seed and its classifier (r)."""
     jobs = [(row, r, "all", None) for row, n in s["rows"].items() for r in range(n)]
     k_all = int(np.bincount(d["y_train"].numpy()).min())
     for row in s["few_shot_rows"]:
@@ -415,7 +461,7 @@ def masker_jobs(s: dict, d: dict) -> list[tuple]:
         jobs += [(row, 0, "classes", int(n)) for n in s["few_shot_classes"] if n < d["num_classes"]]
         if s["epoch_reference"]:
             jobs.append((row, 0, "epoch", None))
-        for replicate in range(1, s["few_shot_seeds"]):  # claim 4's pair, with more masker seeds
+        for replicate in range(1, s["few_shot_seeds"]):  # claim 4's pair, with more replicates (classifier r, masker seed r)
             if CLAIM_K in s["few_shot_k"] and CLAIM_K < k_all:
                 jobs.append((row, replicate, "k", CLAIM_K))
             if s["epoch_reference"]:
@@ -423,9 +469,11 @@ def masker_jobs(s: dict, d: dict) -> list[tuple]:
     return jobs
 
 
-def run_job(clf: dict, d: dict, s: dict, lambda_tv: dict, job: tuple, device: str = "auto"):
-    """Train (or load) the masker of one job of `masker_jobs`; returns (MaskerRun, images used)."""
+def run_job(classifiers: list[dict], d: dict, s: dict, lambda_tv: dict, job: tuple, device: str = "auto"):
+    """Train (or load) the masker of one job of `masker_jobs` on the job's classifier
+    (`classifiers[replicate]`); returns (MaskerRun, images used)."""
     row, replicate, kind, value = job
+    clf = classifiers[replicate]
     spec = row_spec(row, s, lambda_tv[GRID_ROWS[row]["classifier_mode"]])
     labels = d["y_train"].numpy()
     if kind == "all":
@@ -450,15 +498,15 @@ _WORKER_STATE: dict = {}
 def _worker_job(s: dict, seed: int, dataset: str, lambda_tv: dict, job: tuple, device: str = "auto") -> float:
     """A masker trained in a worker process (it only fills the disk cache) on `device` as the caller
     asked for it ("auto": the worker's own); returns its seconds. The data and the (cached)
-    classifier are loaded once per worker process."""
+    classifiers are loaded once per worker process."""
     start = time.perf_counter()
     key = (seed, dataset, repr(sorted(s.items())), str(config.CACHE_DIR), device)
     if key not in _WORKER_STATE:
         d = load_data(s, seed, dataset)
         _WORKER_STATE.clear()
-        _WORKER_STATE[key] = (d, train_classifier(d, s, device=device))
-    d, clf = _WORKER_STATE[key]
-    run_job(clf, d, s, lambda_tv, job, device=device)
+        _WORKER_STATE[key] = (d, [train_classifier(d, s, device, replicate=r) for r in range(n_classifiers(s))])
+    d, classifiers = _WORKER_STATE[key]
+    run_job(classifiers, d, s, lambda_tv, job, device=device)
     return time.perf_counter() - start
 
 
@@ -466,13 +514,12 @@ def prefill_maskers(s: dict, d: dict, lambda_tv: dict, workers: int, device: str
     """Train the maskers of `masker_jobs` in `workers` CPU processes (one thread each,
     `parallel.map_jobs`, or on the Dask scheduler of STUDY_DASK_SCHEDULER) so that the steps that
     follow only load them from the disk cache. Nothing happens with one worker, on a GPU, or when
-    every masker is cached already. The classifier must be trained (cached) first. Results do not
+    every masker is cached already. The classifiers must be trained (cached) first. Results do not
     depend on the number of workers: each masker is seeded on its own. Returns the number of
     maskers trained."""
     if (workers <= 1 or config.get_device(device).type != "cpu") and parallel.default_scheduler() is None:
         return 0
-    clf_key = train.model_key("phang2020_classifier", classifier_params(d, s))
-    todo = [job for job in masker_jobs(s, d) if not _cached(job, s, d, lambda_tv, clf_key)]
+    todo = [job for job in masker_jobs(s, d) if not _cached(job, s, d, lambda_tv)]
     if not todo:
         return 0
     heavy_first = sorted(todo, key=lambda job: GRID_ROWS[job[0]]["classifier_mode"] != "ca")
@@ -481,9 +528,10 @@ def prefill_maskers(s: dict, d: dict, lambda_tv: dict, workers: int, device: str
     return len(todo)
 
 
-def _cached(job: tuple, s: dict, d: dict, lambda_tv: dict, clf_key: str) -> bool:
+def _cached(job: tuple, s: dict, d: dict, lambda_tv: dict) -> bool:
     """Whether the masker of `job` is already in the disk cache (same key as `train_one`)."""
     row, replicate, kind, value = job
+    clf_key = train.model_key("phang2020_classifier", classifier_params(d, s, replicate=replicate))
     mode = GRID_ROWS[row]["classifier_mode"]
     labels = d["y_train"].numpy()
     steps = math.ceil(len(labels) / s["batch_size"]) if kind == "epoch" else None
@@ -508,7 +556,8 @@ def evaluate_run(run, clf: dict, d: dict, reproduce_offbyone: bool = False) -> p
 
 def tune_tv(clf: dict, d: dict, s: dict, device: str = "auto") -> tuple[dict, pd.DataFrame]:
     """λ_tv per classifier mode: S3 (FIX) and S6 (CA) trained for each value of `tv_grid` and
-    evaluated on the Train-Val split (lowest LE wins). One value: no tuning."""
+    evaluated on the Train-Val split (lowest LE wins) on `clf` (classifier 0); the chosen values
+    serve every replicate. One value: no tuning."""
     if len(s["tv_grid"]) == 1:
         value = float(s["tv_grid"][0])
         return {"fix": value, "ca": value}, pd.DataFrame([{"mode": m, "lambda_tv": value, "LE": np.nan,
@@ -526,18 +575,19 @@ def tune_tv(clf: dict, d: dict, s: dict, device: str = "auto") -> tuple[dict, pd
     return dict(zip(best["mode"], best["lambda_tv"].astype(float))), table
 
 
-def train_grid(clf: dict, d: dict, s: dict, lambda_tv: dict, device: str = "auto",
+def train_grid(classifiers: list[dict], d: dict, s: dict, lambda_tv: dict, device: str = "auto",
                reproduce_offbyone: bool = False) -> tuple[dict, pd.DataFrame]:
-    """Every grid row × its seeds (cached), each evaluated on the test set.
+    """Every grid row × its replicates (cached), replicate r's masker on classifier r (seed
+    `masker_seed(seed, r)`), each evaluated on the test set with its own classifier.
 
     Returns ({(row, replicate): MaskerRun}, a per-image table with row, replicate and the metrics)."""
     runs, frames = {}, []
     jobs = [(row, r, "all", None) for row, n in s["rows"].items() for r in range(n)]
     for job in tqdm(jobs, desc="maskers", disable=not train.progress_enabled(), leave=False):
         row, replicate = job[:2]
-        run, _ = run_job(clf, d, s, lambda_tv, job, device)
+        run, _ = run_job(classifiers, d, s, lambda_tv, job, device)
         runs[(row, replicate)] = run
-        frames.append(evaluate_run(run, clf, d, reproduce_offbyone).assign(row=row, replicate=replicate))
+        frames.append(evaluate_run(run, classifiers[replicate], d, reproduce_offbyone).assign(row=row, replicate=replicate))
     return runs, pd.concat(frames, ignore_index=True)
 
 
@@ -561,7 +611,7 @@ def ablation_table(grid: pd.DataFrame, baselines: dict[str, pd.DataFrame]) -> pd
         rows.append(entry)
     for name, frame in baselines.items():
         summary = summarise(frame)
-        rows.append({"method": name, "label": f"baseline ({len(frame)} images)", "seeds": 1,
+        rows.append({"method": name, "label": f"baseline (classifier 0, {len(frame)} images)", "seeds": 1,
                      **{c: summary[c] for c in columns}, **{f"{c}_std": np.nan for c in columns}})
     return pd.DataFrame(rows)
 
@@ -578,9 +628,9 @@ def show_table(table: pd.DataFrame) -> pd.DataFrame:
 # ============================================================================ few-shot (E6)
 
 
-def few_shot(clf: dict, d: dict, s: dict, lambda_tv: dict, grid: pd.DataFrame, device: str = "auto",
+def few_shot(classifiers: list[dict], d: dict, s: dict, lambda_tv: dict, grid: pd.DataFrame, device: str = "auto",
              per_image: bool = False):
-    """Few-shot maskers of the `few_shot_rows` (seed replicate 0), trained for the profile's fixed
+    """Few-shot maskers of the `few_shot_rows` (replicate 0: classifier 0), trained for the profile's fixed
     number of steps cycling through the subset, evaluated on the full test set:
     k examples per class (`few_shot_k`) and all examples of N classes (`few_shot_classes`). The
     full-data point ("all") is the grid's own masker; with `epoch_reference` a masker trained for
@@ -588,7 +638,8 @@ def few_shot(clf: dict, d: dict, s: dict, lambda_tv: dict, grid: pd.DataFrame, d
 
     With `per_image` also returns {(row, point): per-image evaluation}, point "all", "k=<k>",
     "N=<N>" or "1 epoch" (the paired image-level comparisons of the findings), and claim 4's
-    extra masker seeds as {(row, point, replicate): evaluation} (replicates ≥ 1; not in the curve)."""
+    extra replicates as {(row, point, replicate): evaluation} (replicates ≥ 1, each on its own
+    classifier; not in the curve)."""
     k_all = int(np.bincount(d["y_train"].numpy()).min())
     rows, frames = [], {}
     for row in s["few_shot_rows"]:
@@ -600,8 +651,8 @@ def few_shot(clf: dict, d: dict, s: dict, lambda_tv: dict, grid: pd.DataFrame, d
         for job in masker_jobs(s, d):
             if job[0] != row or job[2] == "all":
                 continue
-            run, images = run_job(clf, d, s, lambda_tv, job, device)
-            evaluation = evaluate_run(run, clf, d)
+            run, images = run_job(classifiers, d, s, lambda_tv, job, device)
+            evaluation = evaluate_run(run, classifiers[job[1]], d)
             label = {"epoch": "1 epoch", "k": f"k={job[3]}", "classes": f"N={job[3]}"}[job[2]]
             if job[1] > 0:
                 frames[(row, label, job[1])] = evaluation
@@ -648,9 +699,9 @@ def leak_check(runs: dict, d: dict, seed: int) -> pd.DataFrame:  # runs: {(row, 
     return pd.DataFrame(rows)
 
 
-def randomisation_check(run, clf: dict, d: dict, s: dict, seed: int | None = None) -> pd.DataFrame:
-    """Cascading randomisation of the classifier under a trained masker (Adebayo et al.; card E7
-    sanity checks): layers fc, l4, …, l0 re-initialised top-down (seeded by `seed`, default the data
+def randomisation_check(run, d: dict, s: dict, seed: int | None = None) -> pd.DataFrame:
+    """Cascading randomisation of the masker's own classifier under a trained masker (Adebayo et al.;
+    card E7 sanity checks): layers fc, l4, …, l0 re-initialised top-down (seeded by `seed`, default the data
     seed), masks compared with the original masks by Spearman rank correlation and SSIM (window 5,
     as Phang et al.)."""
     n = min(s["n_randomisation"], len(d["y_test"]))
@@ -664,11 +715,11 @@ def randomisation_check(run, clf: dict, d: dict, s: dict, seed: int | None = Non
                                            similarity=("spearman", "ssim"), ssim_window=5)
 
 
-def randomisation_checks(runs: dict, clf: dict, d: dict, s: dict, row: str = "S3") -> pd.DataFrame:
+def randomisation_checks(runs: dict, d: dict, s: dict, row: str = "S3") -> pd.DataFrame:
     """`randomisation_check` for every trained masker of `row` (one per seed), each classifier
     randomised with that masker's own seed; column `replicate` names the masker. The verdict's unit
     is the masker: one masker's images share its training run and its randomisation draw."""
-    tables = [randomisation_check(run, clf, d, s, seed=masker_seed(d["seed"], replicate)).assign(replicate=replicate)
+    tables = [randomisation_check(run, d, s, seed=masker_seed(d["seed"], replicate)).assign(replicate=replicate)
               for (name, replicate), run in sorted(runs.items(), key=lambda item: item[0][1]) if name == row]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
@@ -822,13 +873,14 @@ def randomisation_figure(table: pd.DataFrame) -> tuple[plt.Figure, pd.DataFrame]
 # ============================================================================ card comparison
 
 
-def scale_table(s: dict, d: dict, clf: dict) -> pd.DataFrame:
+def scale_table(s: dict, d: dict, classifiers: list[dict]) -> pd.DataFrame:
     """The scale of this run next to the paper's (card E3/E4, §5)."""
     rows = [
         ("data", f"{d['dataset']}: {s['n_train']} train / {s['n_test']} test, {IMAGE_SIZE}×{IMAGE_SIZE}, "
                  f"{d['num_classes']} classes", "ImageNet: 1.28M train, 50k val, 224×224, 1000 classes"),
         ("classifier", f"§5.2 residual net, widths {s['widths']}, stem stride {s['stem_stride']}, "
-                       f"{s['epochs']} epochs; test accuracy {100 * clf['test_accuracy']:.1f}%",
+                       f"{s['epochs']} epochs, {len(classifiers)} seeds (one per replicate); test accuracy "
+                       + "–".join(f"{100 * f(c['test_accuracy'] for c in classifiers):.1f}" for f in (min, max)) + "%",
          "ImageNet ResNet-50 (pretrained), top-1 ≈ 76%"),
         ("masker", f"layers l3+l4 → {s['hidden']} ch, 16×16 grid, nearest ×4", "layers 3+4 → 64 ch, 56×56 grid, ×4"),
         ("schedule", f"{s['steps']} steps × batch {s['batch_size']} (Adam lr {s['lr']:g}, ×0.1 at 1/3, 2/3)",
@@ -899,31 +951,36 @@ def per_seed_table(grid: pd.DataFrame) -> pd.DataFrame:
 
 
 def row_difference(per_seed: pd.DataFrame, a: str, b: str, metric: str = "LE") -> dict:
-    """metric(a) − metric(b) between two grid rows over their seeds: the difference of means and its
-    95% Welch t interval (`scipy.stats.ttest_ind(equal_var=False)`; seeds of different rows are
-    independent trainings). With fewer than two seeds on a side, or no spread at all, the interval
-    is the point itself (the reported n says so)."""
-    if not isinstance(per_seed, pd.DataFrame) or not {"row", metric} <= set(per_seed.columns):
-        raise ValueError(f"need a per-seed table with columns 'row' and {metric!r} (see per_seed_table)")
-    x = per_seed.loc[per_seed["row"] == a, metric].dropna().to_numpy(float)
-    y = per_seed.loc[per_seed["row"] == b, metric].dropna().to_numpy(float)
-    if len(x) == 0 or len(y) == 0:
-        raise ValueError(f"rows {a!r} and {b!r} both need at least one seed with a {metric}; "
-                         f"found {len(x)} and {len(y)} (rows present: {sorted(set(per_seed['row']))})")
-    mean = float(x.mean() - y.mean())
+    """metric(a) − metric(b) between two grid rows, paired by replicate: replicate r of every row sits
+    on classifier r, so a per-replicate difference holds no classifier-to-classifier variation the
+    two rows share. The mean of the differences over the replicates both rows have, and its 95%
+    paired t interval (`scipy.stats.ttest_rel`). With fewer than two pairs, or no spread in the
+    differences, the interval is the point itself (the reported n says so)."""
+    if not isinstance(per_seed, pd.DataFrame) or not {"row", "replicate", metric} <= set(per_seed.columns):
+        raise ValueError(f"need a per-seed table with columns 'row', 'replicate' and {metric!r} (see per_seed_table)")
+    x = per_seed.loc[per_seed["row"] == a].dropna(subset=[metric]).set_index("replicate")[metric]
+    y = per_seed.loc[per_seed["row"] == b].dropna(subset=[metric]).set_index("replicate")[metric]
+    if not x.index.is_unique or not y.index.is_unique:
+        raise ValueError(f"rows {a!r} and {b!r} need one {metric} per replicate")
+    common = x.index.intersection(y.index).sort_values()
+    if len(common) == 0:
+        raise ValueError(f"rows {a!r} and {b!r} need a replicate in common with a {metric}; found replicates "
+                         f"{sorted(x.index)} and {sorted(y.index)} (rows present: {sorted(set(per_seed['row']))})")
+    x, y = x[common].to_numpy(float), y[common].to_numpy(float)
+    mean = float(np.mean(x - y))
     low = high = mean
-    if len(x) >= 2 and len(y) >= 2 and (np.ptp(x) > 0 or np.ptp(y) > 0):
-        ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval(confidence_level=0.95)
+    if len(common) >= 2 and np.ptp(x - y) > 0:
+        ci = stats.ttest_rel(x, y).confidence_interval(confidence_level=0.95)
         low, high = float(ci.low), float(ci.high)
-    return {"a": a, "b": b, "mean": mean, "low": low, "high": high, "n_a": len(x), "n_b": len(y)}
+    return {"a": a, "b": b, "mean": mean, "low": low, "high": high, "n": len(common)}
 
 
 def _diff_text(diff: dict, name: str = "LE") -> str:
-    seeds = f"{diff['n_a']}+{diff['n_b']} seeds"
+    pairs = f"{diff['n']} paired replicate(s), one classifier each"
     if diff["low"] == diff["high"]:
-        return f"{name} {diff['a']}−{diff['b']} {diff['mean']:+.1f}, point estimate over {seeds} (no interval)"
+        return f"{name} {diff['a']}−{diff['b']} {diff['mean']:+.1f}, point estimate over {pairs} (no interval)"
     return (f"{name} {diff['a']}−{diff['b']} {diff['mean']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}], "
-            f"95% Welch t CI over {seeds}")
+            f"95% t CI over {pairs}")
 
 
 def _all_of(verdicts: list[str]) -> str:
@@ -950,8 +1007,8 @@ def _two_parts(first: str, second: str) -> str:
 
 
 def _seeds(per_seed: pd.DataFrame, *rows: str) -> str:
-    counts = per_seed.groupby("row")["replicate"].nunique() if "replicate" in per_seed else per_seed["row"].value_counts()
-    return "seeds " + ", ".join(f"{r}: {int(counts.get(r, 0))}" for r in rows)
+    counts = per_seed.groupby("row")["replicate"].nunique()
+    return "replicates (classifier + masker seed) " + ", ".join(f"{r}: {int(counts.get(r, 0))}" for r in rows)
 
 
 def _le(per_seed: pd.DataFrame, *rows: str) -> str:
@@ -972,7 +1029,7 @@ def _not_tested(claim: str, paper: str, why: str) -> dict:
 
 def _claim_both_objectives(per_seed: pd.DataFrame) -> dict:
     """Claim 2. Statistic: ΔLE = LE(single objective) − LE(both) per classifier mode (FIX: S1, S2 vs
-    S3; CA: S4, S5 vs S6), 95% Welch t interval over seeds; threshold 0 (both must be better: Δ > 0).
+    S3; CA: S4, S5 vs S6), 95% paired t interval over replicates (`row_difference`); threshold 0 (both must be better: Δ > 0).
     A mode is reproduced when both its intervals are wholly above 0, not reproduced when either is
     wholly at or below 0, else inconclusive; the claim combines the two modes (`_two_parts`)."""
     claim, paper = "Masked-in + masked-out beats either alone (claim 2)", "abstract: 'the most important ingredient'; Table 1 n/a"
@@ -991,7 +1048,7 @@ def _claim_both_objectives(per_seed: pd.DataFrame) -> dict:
 
 
 def _claim_ca_beats_fix(per_seed: pd.DataFrame, ca: pd.DataFrame | None) -> dict:
-    """Claim 3. Statistic: ΔLE = LE(S3, FIX) − LE(S6, CA), 95% Welch t interval over seeds; threshold
+    """Claim 3. Statistic: ΔLE = LE(S3, FIX) − LE(S6, CA), 95% paired t interval over replicates; threshold
     0 (CA better: Δ > 0). Mechanism gate: the co-trained classifier must have been trained on masked
     images for at least `MIN_MASKED_PASSES` pass over the training set (masked updates × batch ≥
     n_train) in every S6 seed; otherwise the schedule is too short for the mechanism and the verdict
@@ -1009,8 +1066,8 @@ def _claim_ca_beats_fix(per_seed: pd.DataFrame, ca: pd.DataFrame | None) -> dict
         verdict, this_run = "inconclusive", this_run + "; mechanism check (ca_diagnostics) not run"
     else:
         passes = s6["masked_images"] / s6["n_train"]
-        clean = pd.concat([per_seed[per_seed["row"] == "S3"][["row", "LE"]],
-                           pd.DataFrame({"row": "S6", "LE": s6["LE_clean_bn"].to_numpy()})])
+        clean = pd.concat([per_seed[per_seed["row"] == "S3"][["row", "replicate", "LE"]],
+                           s6[["replicate"]].assign(row="S6", LE=s6["LE_clean_bn"].to_numpy())])
         clean_diff = row_difference(clean, "S3", "S6")
         this_run += (f"; S6 with BN statistics re-estimated on clean images {s6['LE_clean_bn'].mean():.1f}; "
                      f"co-trained classifier: {s6['masked_updates'].min():.0f}–{s6['masked_updates'].max():.0f} masked "
@@ -1035,7 +1092,7 @@ def _paired_images(first: pd.DataFrame, second: pd.DataFrame) -> tuple[float, fl
 
 
 def _replicates(images: dict, row: str, point: str) -> dict[int, pd.DataFrame]:
-    """{masker seed replicate: per-image evaluation} of one few-shot point (replicate 0 is keyed (row, point))."""
+    """{replicate: per-image evaluation} of one few-shot point (replicate 0 is keyed (row, point))."""
     found = {key[2]: frame for key, frame in images.items() if len(key) == 3 and key[:2] == (row, point)}
     if (row, point) in images:
         found[0] = images[(row, point)]
@@ -1045,10 +1102,11 @@ def _replicates(images: dict, row: str, point: str) -> dict[int, pd.DataFrame]:
 def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
     """Claim 4. Statistic: gap = LE(k = 10 per class) − LE(masker trained for one pass over the full
     training set), the card's reference for the abstract's 0.7 points (§3.2), both evaluated on the
-    same test images. With several masker seeds (few_shot_seeds): one gap per seed (the mean
-    per-image difference), 95% t interval over the seeds, so that the interval holds the training
-    noise too (a single masker's gap moved by 7.6 points under another CPU's arithmetic). With one
-    seed: 95% t interval over the test images, paired. Threshold `FEW_POINTS`: reproduced when the
+    same test images. With several replicates (few_shot_seeds; replicate r: classifier r and masker
+    seed r for both points): one gap per replicate (the mean per-image difference), 95% t interval
+    over the replicates, so that the interval holds the training noise of maskers and classifiers (a
+    single masker's gap moved by 7.6 points under another CPU's arithmetic). With one replicate: 95%
+    t interval over the test images, paired. Threshold `FEW_POINTS`: reproduced when the
     interval is wholly below it, not reproduced when wholly above. Not tested without a 1-epoch
     masker (`epoch_reference` off) or without k = 10."""
     claim = f"10 examples per class lose only a few LE points against a 1-epoch masker ({row}; claim 4)"
@@ -1063,7 +1121,7 @@ def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
     gaps = [_paired_images(k10[r], epoch[r])[0] for r in seeds]
     if len(seeds) > 1:
         mean, low, high = mean_interval(gaps, method="t")
-        n, units = f"{len(seeds)} masker seeds per point, {len(k10[0])} test images each", "masker seeds"
+        n, units = f"{len(seeds)} replicates (classifier + masker seed) per point, {len(k10[0])} test images each", "replicates"
         count = len(seeds)
     else:
         mean, low, high, count = _paired_images(k10[0], epoch[0])
@@ -1071,9 +1129,9 @@ def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
     this_run = (f"LE k=10 {np.mean([100 * k10[r]['le'].mean() for r in seeds]):.1f} vs 1 epoch "
                 f"{np.mean([100 * epoch[r]['le'].mean() for r in seeds]):.1f}: gap {mean:+.1f} points")
     if len(seeds) > 1:
-        this_run += f" (mean of {len(seeds)} masker seeds; per seed " + ", ".join(f"{g:+.1f}" for g in gaps) + ")"
+        this_run += f" (mean of {len(seeds)} replicates; per replicate " + ", ".join(f"{g:+.1f}" for g in gaps) + ")"
     if (row, "all") in images:
-        this_run += f" (full-data masker, seed 0: {100 * images[(row, 'all')]['le'].mean():.1f})"
+        this_run += f" (full-data masker, replicate 0: {100 * images[(row, 'all')]['le'].mean():.1f})"
     return {"claim": claim, "paper": paper, "this_run": this_run,
             "verdict": interval_verdict(low, high, FEW_POINTS, above=False), "n": n,
             "uncertainty": describe_interval(mean, low, high, count, units, digits=1) + f"; threshold {FEW_POINTS:g} points"}
@@ -1081,7 +1139,7 @@ def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
 
 def _claim_few_classes(images: dict | None, row: str) -> dict:
     """Few classes generalise worse (fig≈). Statistic: gap = LE(all examples of the fewest N classes)
-    − LE(full-data masker, seed 0), paired over test images, 95% t interval; threshold 0 (worse)."""
+    − LE(full-data masker, replicate 0), paired over test images, 95% t interval; threshold 0 (worse)."""
     claim, paper = f"A masker trained on few classes generalises worse ({row})", "fig≈: 10 classes LE ≈65.8 vs 100 classes ≈40.6"
     points = sorted(int(key[1].split("=")[1]) for key in (images or {}) if key[0] == row and key[1].startswith("N=")
                     and len(key) == 2)
@@ -1092,14 +1150,14 @@ def _claim_few_classes(images: dict | None, row: str) -> dict:
     mean, low, high, n = _paired_images(few, full)
     return {"claim": claim, "paper": paper,
             "this_run": f"LE N={fewest} {100 * few['le'].mean():.1f} vs all classes {100 * full['le'].mean():.1f} "
-                        f"(seed 0): gap {mean:+.1f} points",
-            "verdict": interval_verdict(low, high, 0.0), "n": f"{n} test images, 1 masker seed per point",
+                        f"(replicate 0): gap {mean:+.1f} points",
+            "verdict": interval_verdict(low, high, 0.0), "n": f"{n} test images, 1 masker per point (replicate 0)",
             "uncertainty": describe_interval(mean, low, high, n, "test images (paired)", digits=1) + "; threshold 0"}
 
 
 def _claim_no_gain(per_seed: pd.DataFrame, variant: str, claim: str, paper: str, stand_in: bool = False) -> dict:
-    """"<variant> gives no gain over S6". Statistic: gain = LE(S6) − LE(variant), 95% Welch t
-    interval over seeds; "no gain" is reproduced when the interval is wholly below `FEW_POINTS`, not
+    """"<variant> gives no gain over S6". Statistic: gain = LE(S6) − LE(variant), 95% paired t
+    interval over replicates; "no gain" is reproduced when the interval is wholly below `FEW_POINTS`, not
     reproduced when wholly at or above it. Gate: every seed of the variant has a non-degenerate mask
     (mean mask in `MASK_BAND`); a collapsed or flooded masker makes "no gain" trivially true, so the
     verdict is then inconclusive. `stand_in`: the variant only stands in for the paper's (blur for a
@@ -1109,7 +1167,7 @@ def _claim_no_gain(per_seed: pd.DataFrame, variant: str, claim: str, paper: str,
     diff = row_difference(per_seed, "S6", variant)
     verdict = interval_verdict(diff["low"], diff["high"], FEW_POINTS, above=False)
     masks = per_seed.loc[per_seed["row"] == variant, "avg_mask"]
-    this_run = (f"LE % {_le(per_seed, 'S6', variant)}; {variant} mean mask {masks.min():.3f}–{masks.max():.3f} over seeds "
+    this_run = (f"LE % {_le(per_seed, 'S6', variant)}; {variant} mean mask {masks.min():.3f}–{masks.max():.3f} over replicates "
                 f"(non-degenerate band {MASK_BAND[0]:g}–{MASK_BAND[1]:g})")
     if not masks.between(*MASK_BAND).all():
         verdict = "inconclusive"
@@ -1124,7 +1182,7 @@ def _claim_no_gain(per_seed: pd.DataFrame, variant: str, claim: str, paper: str,
 
 def _claim_entropy_vs_ce(per_seed: pd.DataFrame) -> dict:
     """S7 (card §5.4, objective type). Statistic: ΔLE = LE(S7, masked-out = maximise CE) − LE(S6,
-    masked-out = maximise entropy), 95% Welch t interval over seeds; threshold 0 (entropy better)."""
+    masked-out = maximise entropy), 95% paired t interval over replicates; threshold 0 (entropy better)."""
     claim = "The max-entropy masked-out objective beats the adversarial max-CE one (S7)"
     paper = "code: the final models use the entropy objective (E3); Table 1 n/a"
     if not _has_rows(per_seed, "S6", "S7"):
@@ -1135,26 +1193,30 @@ def _claim_entropy_vs_ce(per_seed: pd.DataFrame) -> dict:
             "uncertainty": _diff_text(diff) + "; threshold 0"}
 
 
-def _claim_beats_baselines(per_seed: pd.DataFrame, table: pd.DataFrame) -> dict:
+def _claim_beats_baselines(per_seed: pd.DataFrame, baselines: pd.DataFrame | None) -> dict:
     """The trained masker (the better of S3 / S6 by mean LE) against CAM and Fong & Vedaldi.
-    Statistic: the masker's mean LE and 95% t interval over seeds; each baseline's LE (one
-    deterministic map per image) is the threshold; reproduced for a baseline when the interval is
-    wholly below it; the two baselines combine as `_two_parts`."""
+    Statistic: per replicate r, LE(masker r) − LE(baseline on classifier r) (`baseline_le`: one
+    deterministic map per image and classifier), 95% paired t interval over the replicates
+    (`row_difference`); reproduced for a baseline when the interval is wholly below 0; the two
+    baselines combine as `_two_parts`."""
     claim, paper = "The trained masker localises better than CAM and Fong & Vedaldi", "fig≈: masker 35.8, F&V ≈43.1, CAM ≈48.1"
     rows = [r for r in ("S3", "S6") if r in set(per_seed["row"])]
-    methods = set(table["method"]) if table is not None and "method" in table else set()
-    if not rows or not {"CAM", "Fong & Vedaldi"} <= methods:
+    if baselines is not None and not {"method", "replicate", "LE"} <= set(baselines.columns):
+        raise ValueError("baselines must be baseline_le(...): a DataFrame with method, replicate, LE")
+    methods = set() if baselines is None else set(baselines["method"])
+    if not rows or not set(BASELINE_METHODS) <= methods:
         return _not_tested(claim, paper, "S3/S6 or the CAM / Fong & Vedaldi baselines not run")
     best = min(rows, key=lambda r: per_seed.loc[per_seed["row"] == r, "LE"].mean())
-    values = per_seed.loc[per_seed["row"] == best, "LE"]
-    mean, low, high = mean_interval(values, method="t")
-    le = table.set_index("method")["LE"]
-    cam, fong = float(le["CAM"]), float(le["Fong & Vedaldi"])
-    verdict = _two_parts(interval_verdict(low, high, cam, above=False), interval_verdict(low, high, fong, above=False))
+    both = pd.concat([per_seed.loc[per_seed["row"] == best, ["row", "replicate", "LE"]],
+                      baselines.rename(columns={"method": "row"})[["row", "replicate", "LE"]]])
+    diffs = [row_difference(both, best, method) for method in BASELINE_METHODS]
+    verdict = _two_parts(*(interval_verdict(d["low"], d["high"], 0.0, above=False) for d in diffs))
+    le = baselines.groupby("method")["LE"].mean()
     return {"claim": claim, "paper": paper,
-            "this_run": f"LE % {best} {mean:.1f}, Fong & Vedaldi {fong:.1f}, CAM {cam:.1f}",
-            "verdict": verdict, "n": f"{len(values)} seeds ({best}); baselines one map per image",
-            "uncertainty": describe_interval(mean, low, high, len(values), "seeds", digits=1) + f" ({best} LE)"}
+            "this_run": f"LE % {_le(per_seed, best)}, Fong & Vedaldi {le['Fong & Vedaldi']:.1f}, CAM {le['CAM']:.1f} "
+                        f"(means over {baselines['replicate'].nunique()} classifiers; rule: masker − baseline < 0)",
+            "verdict": verdict, "n": _seeds(per_seed, best) + "; baselines one map per image and classifier",
+            "uncertainty": "; ".join(_diff_text(d) for d in diffs)}
 
 
 def _claim_no_leak(leak: pd.DataFrame | None) -> dict:
@@ -1219,22 +1281,22 @@ def _claim_random_label(per_seed: pd.DataFrame, random_label: dict | None) -> di
     mean, low, high = mean_interval(values, method="t")
     return {"claim": claim, "paper": paper, "this_run": f"LE % shuffled-label S3 {value:.1f} vs S3 {mean:.1f}",
             "verdict": interval_verdict(value - high, value - low, 0.0),
-            "n": f"{len(values)} S3 seeds; 1 shuffled-label masker",
-            "uncertainty": describe_interval(value - mean, value - high, value - low, len(values), "S3 seeds", digits=1)
+            "n": f"{len(values)} S3 replicates; 1 shuffled-label masker",
+            "uncertainty": describe_interval(value - mean, value - high, value - low, len(values), "S3 replicates", digits=1)
                            + " (LE shuffled − S3)"}
 
 
-def findings(table: pd.DataFrame | None, per_seed: pd.DataFrame, few_shot_images: dict | None = None,
+def findings(baselines: pd.DataFrame | None, per_seed: pd.DataFrame, few_shot_images: dict | None = None,
              leak: pd.DataFrame | None = None,
              randomisation: pd.DataFrame | None = None, random_label: dict | None = None,
              ca: pd.DataFrame | None = None) -> list[dict]:
     """The findings rows (claims of card §1 and §5.6), each with the verdict of its interval rule
     (see the `_claim_*` helpers), n and the interval as text.
 
-    `table`: `ablation_table` (for the baselines); `per_seed`: `per_seed_table(grid)`;
+    `baselines`: `baseline_le` (per classifier); `per_seed`: `per_seed_table(grid)`;
     `few_shot_images`: the per-image evaluations of `few_shot(..., per_image=True)`; `ca`:
     `ca_diagnostics`. Missing inputs give `not tested` rows."""
-    if not isinstance(per_seed, pd.DataFrame) or not {"row", "LE", "avg_mask"} <= set(per_seed.columns):
+    if not isinstance(per_seed, pd.DataFrame) or not {"row", "replicate", "LE", "avg_mask"} <= set(per_seed.columns):
         raise ValueError("per_seed must be per_seed_table(grid): a DataFrame with row, replicate, LE, avg_mask")
     rows = [_claim_both_objectives(per_seed), _claim_ca_beats_fix(per_seed, ca)]
     few_rows = sorted({key[0] for key in (few_shot_images or {})}) or ["S3"]
@@ -1247,7 +1309,7 @@ def findings(table: pd.DataFrame | None, per_seed: pd.DataFrame, few_shot_images
         _claim_entropy_vs_ce(per_seed),
         _claim_no_gain(per_seed, "S10", "Masker inputs l3+l4 suffice: l0–l4 give no gain (S10)",
                        "code: the final models use layers 3 and 4 (README); Table 1 n/a"),
-        _claim_beats_baselines(per_seed, table),
+        _claim_beats_baselines(per_seed, baselines),
         _claim_no_leak(leak),
         _claim_randomisation(randomisation),
         _claim_random_label(per_seed, random_label),
@@ -1287,15 +1349,17 @@ def clean_bn_classifier(model: nn.Module, images: torch.Tensor, batch_size: int 
     return out.eval()
 
 
-def ca_diagnostics(runs: dict, clf: dict, d: dict, rows: tuple[str, ...] = ("S6",)) -> pd.DataFrame:
+def ca_diagnostics(runs: dict, classifiers: list[dict], d: dict, rows: tuple[str, ...] = ("S6",)) -> pd.DataFrame:
     """For each CA masker of `rows`: how much the co-trained classifier trained on masked images
     (masked updates, images, passes over the training set; masked CE = CE(in) + CE(out) of its last
     10 masked updates), and the test LE with its BatchNorm statistics as trained (faithful) and
-    re-estimated on clean training images (`clean_bn_classifier`; masks, OM both from that copy)."""
+    re-estimated on clean training images (`clean_bn_classifier`; masks, OM both from that copy); SM
+    with the replicate's pretrained classifier."""
     out = []
     for (row, replicate), run in runs.items():
         if row not in rows or run.spec.fixed:
             continue
+        clf = classifiers[replicate]
         masked = [h["classifier_masked_loss"] for h in run.history if "classifier_masked_loss" in h]
         clean = clean_bn_classifier(run.classifier, d["x_train"])
         masks, logits = masking.predict_masks(run.masker, clean, d["x_test"], run.spec)
