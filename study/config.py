@@ -66,7 +66,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6, "n_scored": 100},
         "phang2020": {"n_train": 3000, "n_trainval": 500, "n_test": 500, "epochs": 8, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 32, "steps": 100, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,
-                      "rows": {"S1": 5, "S2": 5, "S3": 5, "S4": 5, "S5": 5, "S6": 5, "S7": 3, "S8": 3, "S9": 5, "S10": 3},
+                      "rows": {"S1": 5, "S2": 5, "S3": 5, "S4": 5, "S5": 5, "S6": 5, "S7": 5, "S8": 5, "S9": 5, "S10": 5},
                       "few_shot_k": [1, 5, 10, 50], "few_shot_classes": [2, 5], "few_shot_rows": ["S3"],
                       "epoch_reference": True, "few_shot_seeds": 5, "tv_grid": [3.5e-3], "n_fong": 100, "fong_steps": 80,
                       "n_randomisation": 32, "random_label": True, "n_gallery": 6, "n_images": 1000, "real_k": 10,

@@ -532,11 +532,39 @@ def test_few_shot_k10_rule_uses_the_spread_over_masker_seeds():
     assert k10_row([2])["verdict"] == "reproduced" and k10_row([2, 12])["verdict"] == "inconclusive"
 
 
-def test_claim_pair_gets_extra_masker_seeds_in_the_jobs():
+def test_few_classes_rule_uses_the_spread_over_replicates():
+    n = 200
+
+    def errors(points):  # per-image LE with (50 + points)% of the images wrong
+        le = np.zeros(n)
+        le[:int((50 + points) * n / 100)] = 1.0
+        return per_image(le)
+
+    def images(gaps):  # the full-data masker is wrong on 50% of the images, N = 2 on 50 + gap %
+        found = {("S3", "N=2"): errors(gaps[0]), ("S3", "all"): errors(0), ("S3", "N=5"): errors(0)}
+        for r, g in enumerate(gaps[1:], start=1):
+            found.update({("S3", "N=2", r): errors(g), ("S3", "all", r): errors(0)})
+        return found
+
+    def few_row(gaps):
+        return next(r for r in P.findings(None, seeds(S3=around(20)), few_shot_images=images(gaps)) if r["claim"] == FEW)
+
+    # gaps 1, 2, 3: mean 2, t interval [−0.48, 4.48] straddles 0 → inconclusive; 5, 6, 7 wholly above 0
+    row = few_row([1, 2, 3])
+    assert row["verdict"] == "inconclusive" and "3 replicates" in row["n"] and "[-0.5, 4.5]" in row["uncertainty"]
+    assert few_row([5, 6, 7])["verdict"] == "reproduced"
+    assert few_row([-7, -6, -5])["verdict"] == "not reproduced"
+    # one replicate alone looks decided (a gap of 40 over 200 paired images) where the replicates disagree
+    assert few_row([40])["verdict"] == "reproduced" and few_row([40, 0, -30])["verdict"] == "inconclusive"
+
+
+def test_claim_pairs_get_extra_replicates_in_the_jobs():
     s = P.experiment_settings("quick")
     d = {"y_train": torch.arange(400) % 10, "num_classes": 10}
-    extra = [job for job in P.masker_jobs(s, d) if job[2] in ("k", "epoch") and job[1] > 0]
-    assert sorted(extra) == sorted([("S3", r, "k", 10) for r in range(1, 5)] + [("S3", r, "epoch", None) for r in range(1, 5)])
+    extra = [job for job in P.masker_jobs(s, d) if job[2] in ("k", "epoch", "classes") and job[1] > 0]
+    assert sorted(extra, key=str) == sorted([("S3", r, "k", 10) for r in range(1, 5)]
+                                            + [("S3", r, "epoch", None) for r in range(1, 5)]
+                                            + [("S3", r, "classes", 2) for r in range(1, 5)], key=str)  # the fewest N only
     with pytest.raises(ValueError, match="few_shot_seeds"):
         P.experiment_settings("quick", few_shot_seeds=0)
 
@@ -632,7 +660,10 @@ def test_ca_diagnostics_and_per_image_few_shot_on_the_smoke_run(smoke_run):
     d, s = smoke_run["d"], smoke_run["s"]
     curve, images = P.few_shot(smoke_run["classifiers"], d, s, {"fix": 3.5e-3, "ca": 3.5e-3}, grid, device="cpu",
                                per_image=True)
-    assert {("S3", "all"), ("S3", "1 epoch"), ("S3", "k=1"), ("S3", "N=2"), ("S3", "1 epoch", 1)} <= set(images)
+    assert {("S3", "all"), ("S3", "1 epoch"), ("S3", "k=1"), ("S3", "N=2"), ("S3", "1 epoch", 1), ("S3", "N=2", 1),
+            ("S3", "all", 1)} <= set(images)
+    s3 = grid[grid["row"] == "S3"]
+    pd.testing.assert_frame_equal(images[("S3", "all", 1)], s3[s3["replicate"] == 1].reset_index(drop=True))
     assert all(len(frame) == s["n_test"] for frame in images.values())
     assert "n_pairs" in smoke_run["leak"] and (smoke_run["leak"]["n_pairs"] > 0).all()
     baselines = P.baseline_le(smoke_run["classifiers"], d, s, device="cpu", first=smoke_run["baselines"])

@@ -451,14 +451,16 @@ def train_one(clf: dict, d: dict, s: dict, spec: MaskerSpec, replicate: int, sub
 def masker_jobs(s: dict, d: dict) -> list[tuple]:
     """Every masker of the grid and of the few-shot study as (row, replicate, subset kind, value):
     kind "all" (value None), "k" (examples per class), "classes" (N) or "epoch" (one pass). The
-    few-shot points use replicate 0; claim 4's pair (k = `CLAIM_K` and one epoch) is also trained
-    with replicates 1 … few_shot_seeds − 1, so its interval includes training noise. A job's
-    replicate r names both its masker seed and its classifier (r)."""
+    few-shot points use replicate 0; claim 4's pair (k = `CLAIM_K` and one epoch) and the fewest
+    classes N (the few-classes claim; its full-data reference is the grid's own replicate) are also
+    trained with replicates 1 … few_shot_seeds − 1, so their intervals include training noise. A
+    job's replicate r names both its masker seed and its classifier (r)."""
     jobs = [(row, r, "all", None) for row, n in s["rows"].items() for r in range(n)]
     k_all = int(np.bincount(d["y_train"].numpy()).min())
+    few_classes = sorted(int(n) for n in s["few_shot_classes"] if n < d["num_classes"])
     for row in s["few_shot_rows"]:
         jobs += [(row, 0, "k", int(k)) for k in s["few_shot_k"] if k < k_all]
-        jobs += [(row, 0, "classes", int(n)) for n in s["few_shot_classes"] if n < d["num_classes"]]
+        jobs += [(row, 0, "classes", n) for n in few_classes]
         if s["epoch_reference"]:
             jobs.append((row, 0, "epoch", None))
         for replicate in range(1, s["few_shot_seeds"]):  # claim 4's pair, with more replicates (classifier r, masker seed r)
@@ -466,6 +468,8 @@ def masker_jobs(s: dict, d: dict) -> list[tuple]:
                 jobs.append((row, replicate, "k", CLAIM_K))
             if s["epoch_reference"]:
                 jobs.append((row, replicate, "epoch", None))
+            if few_classes:
+                jobs.append((row, replicate, "classes", few_classes[0]))
     return jobs
 
 
@@ -637,14 +641,17 @@ def few_shot(classifiers: list[dict], d: dict, s: dict, lambda_tv: dict, grid: p
     exactly one pass over the training set is added ("1 epoch", the paper's 0.7-point comparison).
 
     With `per_image` also returns {(row, point): per-image evaluation}, point "all", "k=<k>",
-    "N=<N>" or "1 epoch" (the paired image-level comparisons of the findings), and claim 4's
-    extra replicates as {(row, point, replicate): evaluation} (replicates ≥ 1, each on its own
-    classifier; not in the curve)."""
+    "N=<N>" or "1 epoch" (the paired image-level comparisons of the findings), and the extra
+    replicates of the claims' points (and the grid's, as "all") as {(row, point, replicate):
+    evaluation} (replicates ≥ 1, each on its own classifier; not in the curve)."""
     k_all = int(np.bincount(d["y_train"].numpy()).min())
     rows, frames = [], {}
     for row in s["few_shot_rows"]:
         seed0 = grid[(grid["row"] == row) & (grid["replicate"] == 0)]
         frames[(row, "all")] = seed0.reset_index(drop=True)
+        for replicate in sorted(set(grid.loc[grid["row"] == row, "replicate"]) - {0}):
+            frames[(row, "all", replicate)] = grid[(grid["row"] == row) & (grid["replicate"] == replicate)
+                                                   ].reset_index(drop=True)
         full = summarise(seed0)
         base = {"row": row, "images": len(d["y_train"]), "k": k_all, "n_classes": d["num_classes"]}
         rows += [{**base, "kind": kind, "point": "all", **full} for kind in ("per class", "classes")]
@@ -1099,6 +1106,28 @@ def _replicates(images: dict, row: str, point: str) -> dict[int, pd.DataFrame]:
     return dict(sorted(found.items()))
 
 
+def _gap_over_replicates(images: dict, row: str, first: str, second: str) -> dict:
+    """LE(first) − LE(second) in points between two few-shot points of `row` evaluated on the same
+    test images: one gap per replicate both points have (the mean per-image difference; replicate r:
+    classifier r, masker seed r), with a 95% t interval over those replicates; with one replicate,
+    a paired 95% t interval over its test images (training noise not included)."""
+    a, b = _replicates(images, row, first), _replicates(images, row, second)
+    common = sorted(set(a) & set(b))
+    gaps = [_paired_images(a[r], b[r])[0] for r in common]
+    if len(common) > 1:
+        mean, low, high = mean_interval(gaps, method="t")
+        count, units = len(common), "replicates"
+        n = f"{len(common)} replicates (classifier + masker seed) per point, {len(a[common[0]])} test images each"
+    else:
+        mean, low, high, count = _paired_images(a[common[0]], b[common[0]])
+        units, n = "test images (paired)", f"{count} test images, 1 masker per point (replicate {common[0]})"
+    text = (f"LE {first} {np.mean([100 * a[r]['le'].mean() for r in common]):.1f} vs {second} "
+            f"{np.mean([100 * b[r]['le'].mean() for r in common]):.1f}: gap {mean:+.1f} points")
+    if len(common) > 1:
+        text += f" (mean of {len(common)} replicates; per replicate " + ", ".join(f"{g:+.1f}" for g in gaps) + ")"
+    return {"mean": mean, "low": low, "high": high, "count": count, "units": units, "n": n, "text": text}
+
+
 def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
     """Claim 4. Statistic: gap = LE(k = 10 per class) − LE(masker trained for one pass over the full
     training set), the card's reference for the abstract's 0.7 points (§3.2), both evaluated on the
@@ -1116,43 +1145,31 @@ def _claim_few_shot_k10(images: dict | None, row: str) -> dict:
         return _not_tested(claim, paper, "no k = 10 masker at this profile")
     if (row, "1 epoch") not in images:
         return _not_tested(claim, paper, "no 1-epoch reference masker at this profile (epoch_reference off)")
-    k10, epoch = _replicates(images, row, "k=10"), _replicates(images, row, "1 epoch")
-    seeds = sorted(set(k10) & set(epoch))
-    gaps = [_paired_images(k10[r], epoch[r])[0] for r in seeds]
-    if len(seeds) > 1:
-        mean, low, high = mean_interval(gaps, method="t")
-        n, units = f"{len(seeds)} replicates (classifier + masker seed) per point, {len(k10[0])} test images each", "replicates"
-        count = len(seeds)
-    else:
-        mean, low, high, count = _paired_images(k10[0], epoch[0])
-        n, units = f"{count} test images, 1 masker seed per point", "test images (paired)"
-    this_run = (f"LE k=10 {np.mean([100 * k10[r]['le'].mean() for r in seeds]):.1f} vs 1 epoch "
-                f"{np.mean([100 * epoch[r]['le'].mean() for r in seeds]):.1f}: gap {mean:+.1f} points")
-    if len(seeds) > 1:
-        this_run += f" (mean of {len(seeds)} replicates; per replicate " + ", ".join(f"{g:+.1f}" for g in gaps) + ")"
+    gap = _gap_over_replicates(images, row, "k=10", "1 epoch")
+    this_run = gap["text"]
     if (row, "all") in images:
         this_run += f" (full-data masker, replicate 0: {100 * images[(row, 'all')]['le'].mean():.1f})"
     return {"claim": claim, "paper": paper, "this_run": this_run,
-            "verdict": interval_verdict(low, high, FEW_POINTS, above=False), "n": n,
-            "uncertainty": describe_interval(mean, low, high, count, units, digits=1) + f"; threshold {FEW_POINTS:g} points"}
+            "verdict": interval_verdict(gap["low"], gap["high"], FEW_POINTS, above=False), "n": gap["n"],
+            "uncertainty": describe_interval(gap["mean"], gap["low"], gap["high"], gap["count"], gap["units"], digits=1)
+                           + f"; threshold {FEW_POINTS:g} points"}
 
 
 def _claim_few_classes(images: dict | None, row: str) -> dict:
     """Few classes generalise worse (fig≈). Statistic: gap = LE(all examples of the fewest N classes)
-    − LE(full-data masker, replicate 0), paired over test images, 95% t interval; threshold 0 (worse)."""
+    − LE(full-data masker of the same replicate), one gap per replicate, 95% t interval over the
+    replicates (`_gap_over_replicates`; with one replicate, paired over its test images); threshold 0
+    (worse)."""
     claim, paper = f"A masker trained on few classes generalises worse ({row})", "fig≈: 10 classes LE ≈65.8 vs 100 classes ≈40.6"
     points = sorted(int(key[1].split("=")[1]) for key in (images or {}) if key[0] == row and key[1].startswith("N=")
                     and len(key) == 2)
     if not points or (row, "all") not in images:
         return _not_tested(claim, paper, "no few-class masker at this profile")
-    fewest = points[0]
-    few, full = images[(row, f"N={fewest}")], images[(row, "all")]
-    mean, low, high, n = _paired_images(few, full)
-    return {"claim": claim, "paper": paper,
-            "this_run": f"LE N={fewest} {100 * few['le'].mean():.1f} vs all classes {100 * full['le'].mean():.1f} "
-                        f"(replicate 0): gap {mean:+.1f} points",
-            "verdict": interval_verdict(low, high, 0.0), "n": f"{n} test images, 1 masker per point (replicate 0)",
-            "uncertainty": describe_interval(mean, low, high, n, "test images (paired)", digits=1) + "; threshold 0"}
+    gap = _gap_over_replicates(images, row, f"N={points[0]}", "all")
+    return {"claim": claim, "paper": paper, "this_run": gap["text"].replace("vs all", "vs all classes", 1),
+            "verdict": interval_verdict(gap["low"], gap["high"], 0.0), "n": gap["n"],
+            "uncertainty": describe_interval(gap["mean"], gap["low"], gap["high"], gap["count"], gap["units"], digits=1)
+                           + "; threshold 0"}
 
 
 def _claim_no_gain(per_seed: pd.DataFrame, variant: str, claim: str, paper: str, stand_in: bool = False) -> dict:
