@@ -240,6 +240,22 @@ def test_one_classifier_per_replicate_under_every_masker(smoke_run):
     assert P.train_classifiers(smoke_run["d"], s, device="cpu")[1]["from_cache"]
 
 
+def test_classifiers_trained_in_workers_are_not_reported_as_cached(smoke_run, monkeypatch):
+    jobs = []
+
+    def in_process(function, job_list, **kw):  # the worker path, run here
+        jobs.extend(job_list)
+        return [function(*job) for job in job_list]
+
+    monkeypatch.setattr(P.parallel, "map_jobs", in_process)
+    s = {**smoke_run["s"], "epochs": 1}  # new keys: nothing cached
+    d = P.load_data(s, 0)
+    fresh = P.train_classifiers(d, s, device="cpu", workers=2)
+    assert len(jobs) == 2 and [c["from_cache"] for c in fresh] == [False, False]
+    assert [c["from_cache"] for c in P.train_classifiers(d, s, device="cpu", workers=2)] == [True, True]
+    assert len(jobs) == 2  # nothing left to train in workers
+
+
 def test_baseline_le_gives_each_classifier_its_own_cam_and_fong(smoke_run):
     d, s, classifiers = smoke_run["d"], smoke_run["s"], smoke_run["classifiers"]
     table = P.baseline_le(classifiers, d, s, device="cpu", first=smoke_run["baselines"])

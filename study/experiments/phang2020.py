@@ -252,7 +252,10 @@ def train_classifiers(d: dict, s: dict, device: str = "auto", workers: int = 1) 
                           or parallel.default_scheduler() is not None):
         parallel.map_jobs(_classifier_job, [(s, d["seed"], d["dataset"], r, str(device)) for r in todo],
                           workers=workers, threads=1)
-    return [train_classifier(d, s, device, replicate=r) for r in replicates]
+    classifiers = [train_classifier(d, s, device, replicate=r) for r in replicates]
+    for r in todo:  # trained by this call (in a worker or here), whatever the last load says
+        classifiers[r]["from_cache"] = False
+    return classifiers
 
 
 @torch.no_grad()
