@@ -228,7 +228,7 @@ def train_classifier(d: dict, s: dict, device: str = "auto", shuffle_labels: boo
 
 def n_classifiers(s: dict) -> int:
     """How many classifiers a run trains: one per replicate, i.e. the most seeds of any grid row (and
-    of claim 4's few-shot pair). Replicate r's maskers all sit on classifier r, so an interval over
+    of the few-shot claims' points, `few_shot_seeds`). Replicate r's maskers all sit on classifier r, so an interval over
     replicates holds the classifier's training noise too (one shared classifier moved S2's LE from 18
     to 88 between classifier seeds; benchmarks/phang_classifier_variance.py)."""
     return max([*s["rows"].values(), s["few_shot_seeds"] if s["few_shot_rows"] else 1])
@@ -1109,11 +1109,12 @@ def _replicates(images: dict, row: str, point: str) -> dict[int, pd.DataFrame]:
     return dict(sorted(found.items()))
 
 
-def _gap_over_replicates(images: dict, row: str, first: str, second: str) -> dict:
+def _gap_over_replicates(images: dict, row: str, first: str, second: str, second_name: str | None = None) -> dict:
     """LE(first) − LE(second) in points between two few-shot points of `row` evaluated on the same
     test images: one gap per replicate both points have (the mean per-image difference; replicate r:
     classifier r, masker seed r), with a 95% t interval over those replicates; with one replicate,
-    a paired 95% t interval over its test images (training noise not included)."""
+    a paired 95% t interval over its test images (training noise not included). `second_name`: how
+    the text names `second` (default: its point label)."""
     a, b = _replicates(images, row, first), _replicates(images, row, second)
     common = sorted(set(a) & set(b))
     gaps = [_paired_images(a[r], b[r])[0] for r in common]
@@ -1124,7 +1125,7 @@ def _gap_over_replicates(images: dict, row: str, first: str, second: str) -> dic
     else:
         mean, low, high, count = _paired_images(a[common[0]], b[common[0]])
         units, n = "test images (paired)", f"{count} test images, 1 masker per point (replicate {common[0]})"
-    text = (f"LE {first} {np.mean([100 * a[r]['le'].mean() for r in common]):.1f} vs {second} "
+    text = (f"LE {first} {np.mean([100 * a[r]['le'].mean() for r in common]):.1f} vs {second_name or second} "
             f"{np.mean([100 * b[r]['le'].mean() for r in common]):.1f}: gap {mean:+.1f} points")
     if len(common) > 1:
         text += f" (mean of {len(common)} replicates; per replicate " + ", ".join(f"{g:+.1f}" for g in gaps) + ")"
@@ -1168,8 +1169,8 @@ def _claim_few_classes(images: dict | None, row: str) -> dict:
                     and len(key) == 2)
     if not points or (row, "all") not in images:
         return _not_tested(claim, paper, "no few-class masker at this profile")
-    gap = _gap_over_replicates(images, row, f"N={points[0]}", "all")
-    return {"claim": claim, "paper": paper, "this_run": gap["text"].replace("vs all", "vs all classes", 1),
+    gap = _gap_over_replicates(images, row, f"N={points[0]}", "all", second_name="all classes")
+    return {"claim": claim, "paper": paper, "this_run": gap["text"],
             "verdict": interval_verdict(gap["low"], gap["high"], 0.0), "n": gap["n"],
             "uncertainty": describe_interval(gap["mean"], gap["low"], gap["high"], gap["count"], gap["units"], digits=1)
                            + "; threshold 0"}
