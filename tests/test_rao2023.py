@@ -434,6 +434,23 @@ def test_r1_r2_hypervolume_ratio_rule():
     assert row["n"].startswith("4 panels (1 configs × 4 layers × 2 losses)") and "95% t CI over 4 panels" in row["uncertainty"]
 
 
+def _full_grid_summary(losses=("energy", "l1", "ppce", "rrr")):
+    paper = config.PROFILES["paper"]["rao2023"]
+    return pd.DataFrame([{"config": c, "layer": layer, "loss": loss, "hv_epg": 1.0, "hv_iou": 1.0}
+                         for c in paper["configs"] for layer in (["final"] if c == "vanilla_gradcam" else paper["layers"])
+                         for loss in losses])
+
+
+def test_r1_r2_say_whether_they_were_decided_on_the_papers_full_grid():
+    full = _full_grid_summary()
+    for rule in (R._r1_energy_best_epg, R._r2_l1_best_iou):
+        assert "decided on the paper's full grid (4 configs × 3 layers × 4 losses)" in rule(full)["this_run"]
+        for part in (_summary([1.0, 1.1], [0.5, 0.5]), _full_grid_summary(("energy", "l1")),
+                     full[full.config != "xdnn_intgrad"], full[full.layer != "mid"]):
+            text = rule(part)["this_run"]
+            assert "not the paper's full grid" in text and "decided on the paper's full grid" not in text
+
+
 def test_r1_r2_with_seeds_take_each_panel_and_seed_as_a_unit():
     seeds = [_summary(e, l).assign(seed=k) for k, (e, l) in enumerate([([1.0, 1.1], [0.5, 0.5]), ([1.2, 1.0], [0.6, 0.5]),
                                                                        ([1.1, 1.3], [0.5, 0.6])])]

@@ -1187,6 +1187,17 @@ def _grid_text(summary: pd.DataFrame) -> str:
     return f"{len(configs)} configs × {len(layers)} layers × {len(losses)} losses"
 
 
+def _grid_scope(summary: pd.DataFrame) -> str:
+    """Whether R1/R2 were decided on the paper's full grid (card §5.4: the `paper` profile's configurations,
+    layers and losses, Grad-CAM at the final layer only) or on a part of it."""
+    paper = config.PROFILES["paper"]["rao2023"]
+    full = {(c, layer, loss) for c in paper["configs"] for layer in (["final"] if c == "vanilla_gradcam" else paper["layers"])
+            for loss in paper["losses"]}
+    if full <= set(zip(summary.config, summary.layer, summary.loss)):
+        return f"decided on the paper's full grid ({_grid_text(summary)})"
+    return f"decided on the run's grid ({_grid_text(summary)}), not the paper's full grid"
+
+
 def _best_list(table: pd.DataFrame) -> str:
     return "; ".join(f"{CONFIG_LABELS[r.config]} {r.layer}: {'/'.join(LOSS_LABELS[x] for x in r.tied.split(','))}"
                      for r in table.itertuples())
@@ -1219,8 +1230,7 @@ def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
             "paper": "Energy Pareto-dominates the other losses for all models, Input and Final, VOC and COCO",
             "this_run": f"Energy's EPG–F1 hypervolume / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(epg_win)} panels ("
-                        + _best_list(epg_win) + f"); decided on the run's grid ({_grid_text(summary)}), not the paper's "
-                        "full grid",
+                        + _best_list(epg_win) + "); " + _grid_scope(summary),
             "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
 
 
@@ -1236,7 +1246,7 @@ def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
             "paper": "L1 best IoU 'with few exceptions'",
             "this_run": f"L1's IoU–F1 hypervolume (val-tuned threshold) / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(iou_win)} panels ("
-                        + _best_list(iou_win) + f"); decided on the run's grid ({_grid_text(summary)})",
+                        + _best_list(iou_win) + "); " + _grid_scope(summary),
             "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
 
 
