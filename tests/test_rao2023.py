@@ -437,12 +437,12 @@ def test_r1_r2_hypervolume_ratio_rule():
 def _full_grid_summary(losses=("energy", "l1", "ppce", "rrr")):
     paper = config.PROFILES["paper"]["rao2023"]
     return pd.DataFrame([{"config": c, "layer": layer, "loss": loss, "hv_epg": 1.0, "hv_iou": 1.0}
-                         for c in paper["configs"] for layer in (["final"] if c == "vanilla_gradcam" else paper["layers"])
-                         for loss in losses])
+                         for c in paper["configs"] for layer in R.guided_layers(c, paper["layers"]) for loss in losses])
 
 
 def test_r1_r2_say_whether_they_were_decided_on_the_papers_full_grid():
     full = _full_grid_summary()
+    assert len(full) == 40 and set(full[full.config == "vanilla_gradcam"].layer) == {"final"}
     for rule in (R._r1_energy_best_epg, R._r2_l1_best_iou):
         assert "decided on the paper's full grid (4 configs × 3 layers × 4 losses)" in rule(full)["this_run"]
         for part in (_summary([1.0, 1.1], [0.5, 0.5]), _full_grid_summary(("energy", "l1")),

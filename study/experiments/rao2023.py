@@ -84,6 +84,11 @@ def settings(profile: str, **overrides) -> dict:
     return s
 
 
+def guided_layers(config_name: str, layers: list[str]) -> list[str]:
+    """The layers `config_name` is guided and evaluated at: Grad-CAM explains the final layer only (card §5.4)."""
+    return ["final"] if config_name == "vanilla_gradcam" else list(layers)
+
+
 def use_threads(s: dict) -> int:
     """Set torch's intra-op threads to the profile's `threads` (None: leave torch's default).
     One thread per process is much faster for these tiny models on a shared 2-core CPU."""
@@ -540,8 +545,7 @@ def train_baselines(s: dict, seed: int, device="auto", dataset: str = "synth_voc
         result = load_result(spec)
         model = _model_for(spec, result["state"], device)
         splits = load_splits(spec["recipe"])
-        layers = ["final"] if name == "vanilla_gradcam" else sorted(set(s["layers"]) | {"input"} | set(s["depth_layers"]),
-                                                                     key=G.LAYERS.index)
+        layers = guided_layers(name, sorted(set(s["layers"]) | {"input"} | set(s["depth_layers"]), key=G.LAYERS.index))
         for layer in layers:
             method = CONFIGS[name][1]
             valid = G.evaluate(model, splits["valid"], layer, method, device=device)
@@ -578,7 +582,7 @@ def calibrate(s: dict, baselines: dict, device="auto") -> pd.DataFrame:
         train_data = load_splits(spec["recipe"])["train"]
         config_name = name
         method = CONFIGS[config_name][1]
-        layers = ["final"] if name == "vanilla_gradcam" else list(dict.fromkeys(s["layers"] + s["depth_layers"]))
+        layers = guided_layers(name, list(dict.fromkeys(s["layers"] + s["depth_layers"])))
         for layer in layers:
             for loss in s["losses"]:
                 card = G.calibrate_lambda(model, train_data, loss=loss, layer=layer, method=method,
@@ -610,8 +614,7 @@ def plan_finetunes(s: dict, seed: int, baselines: dict, calibration: pd.DataFram
     for run_seed in e1_seeds(s, seed):
         for name in s["configs"]:
             base = baselines["specs"][("voc", name, run_seed)]
-            layers = ["final"] if name == "vanilla_gradcam" else s["layers"]
-            for layer in layers:
+            for layer in guided_layers(name, s["layers"]):
                 for loss in s["losses"]:
                     middle = _lambda(calibration, "E1", name, run_seed, layer, loss)
                     for factor in s["lambda_factors"]:
@@ -1191,8 +1194,7 @@ def _grid_scope(summary: pd.DataFrame) -> str:
     """Whether R1/R2 were decided on the paper's full grid (card §5.4: the `paper` profile's configurations,
     layers and losses, Grad-CAM at the final layer only) or on a part of it."""
     paper = config.PROFILES["paper"]["rao2023"]
-    full = {(c, layer, loss) for c in paper["configs"] for layer in (["final"] if c == "vanilla_gradcam" else paper["layers"])
-            for loss in paper["losses"]}
+    full = {(c, layer, loss) for c in paper["configs"] for layer in guided_layers(c, paper["layers"]) for loss in paper["losses"]}
     if full <= set(zip(summary.config, summary.layer, summary.loss)):
         return f"decided on the paper's full grid ({_grid_text(summary)})"
     return f"decided on the run's grid ({_grid_text(summary)}), not the paper's full grid"
