@@ -509,11 +509,46 @@ def test_r6_compares_each_checkpoint_with_its_own_seeds_baseline():
     assert "10 lose F1 and 10 keep" in row["this_run"]
 
 
+def _front_units(counts):
+    """Baselines and front checkpoints of several (configuration, seed) units, one per (lose, keep) pair."""
+    bases, fronts = [], []
+    for seed, (lose, keep) in enumerate(counts):
+        base, front = _front_panel(lose, keep)
+        bases.append(base.assign(seed=seed))
+        fronts.append(front.assign(seed=seed))
+    return pd.concat(bases, ignore_index=True), pd.concat(fronts, ignore_index=True)
+
+
 def test_r6_trade_off_rule():
-    assert R._r6_localisation_vs_f1(*_front_panel(30, 5))["verdict"] == "reproduced"
-    assert R._r6_localisation_vs_f1(*_front_panel(3, 30))["verdict"] == "partly reproduced"   # usually improves both
-    assert R._r6_localisation_vs_f1(*_front_panel(18, 17))["verdict"] == "inconclusive"       # 21/35 flipped before
+    assert R._r6_localisation_vs_f1(*_front_units([(30, 5)] * 3))["verdict"] == "reproduced"
+    assert R._r6_localisation_vs_f1(*_front_units([(3, 30)] * 3))["verdict"] == "partly reproduced"   # usually improves both
+    assert R._r6_localisation_vs_f1(*_front_units([(18, 17), (17, 18), (19, 16)]))["verdict"] == "inconclusive"
     assert R._r6_localisation_vs_f1(*_front_panel(0, 0))["verdict"] == "not tested"
+
+
+def test_r6_counts_units_not_correlated_checkpoints():
+    # 3 units lose F1 at 35 of 40 front checkpoints, 2 units at 5 of 40: 115 of 200 checkpoints (Wilson [0.51, 0.64],
+    # "usually" if checkpoints were independent), but a resample of the 5 units has <= 2 of the first kind in 32% of draws
+    passing = _front_units([(35, 5)] * 5)
+    failing = _front_units([(35, 5)] * 3 + [(5, 35)] * 2)
+    assert R._r6_localisation_vs_f1(*passing)["verdict"] == "reproduced"
+    row = R._r6_localisation_vs_f1(*failing)
+    assert row["verdict"] == "inconclusive"
+    assert row["n"] == "200 front checkpoints in 5 configuration × seed units"
+    assert "share losing F1 0.57 [" in row["uncertainty"] and "bootstrap over 5 configuration × seed units" in row["uncertainty"]
+
+
+def test_cluster_share_interval_known_answer_and_bad_input():
+    # two units (1 of 2, 3 of 4): resamples give 2/4, 4/6 or 6/8, so the 95% percentile interval is [0.5, 0.75]
+    share, low, high = R.cluster_share([1, 3], [2, 4])
+    assert share == pytest.approx(4 / 6) and low == pytest.approx(0.5) and high == pytest.approx(0.75)
+    assert R.cluster_share([3], [4]) == (0.75, 0.75, 0.75)  # one unit: nothing to resample
+    with pytest.raises(ValueError, match="count"):
+        R.cluster_share([5], [4])
+    with pytest.raises(ValueError, match="count"):
+        R.cluster_share([1, 2], [2])
+    with pytest.raises(ValueError, match="count"):
+        R.cluster_share([0], [0])
 
 
 def _pairs(values: dict, n: int = 40) -> dict:
