@@ -62,7 +62,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "quick": {
         "vandersmissen2024": {"n_train": 1500, "n_test": 300, "epochs": 8, "n_images": 24, "steps": 16, "ig_steps": 50,
-                              "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 256, "n_models": 3},
+                              "smoothgrad_samples": 10, "rise_masks": 300, "batch_size": 64, "n_models": 3},
         "tour": {"n_train": 2000, "n_test": 400, "image_size": 32, "epochs": 20, "width": 16, "n_explain": 6, "n_scored": 100},
         "phang2020": {"n_train": 3000, "n_trainval": 500, "n_test": 500, "epochs": 8, "widths": [8, 16, 32, 64],
                       "stem_stride": 2, "hidden": 32, "steps": 100, "batch_size": 16, "lr": 1e-2, "classifier_lr": 1e-3,

@@ -434,6 +434,33 @@ def test_bootstrap_images_interval_and_errors():
         V.bootstrap_images(np.mean, 10, method="bca")
 
 
+def _per_map_correlation_medians(cube, names, index):
+    """The correlation statistic by its definition: per map, the correlations of the metrics that vary."""
+    with_pg, other = [], []
+    for k in range(cube.shape[2]):
+        wide = pd.DataFrame(cube[index, :, k], columns=names)
+        varying = [m for m in names if wide[m].nunique() > 1]
+        r, _ = V.correlation_matrix(wide[varying])
+        for a in range(len(varying)):
+            for b in range(a + 1, len(varying)):
+                pg = "pointing_game" in (varying[a], varying[b])
+                (with_pg if pg else other).append(abs(r[a, b]))
+    return np.median(with_pg), np.median(with_pg) - np.median(other)
+
+
+def test_correlation_statistic_matches_the_summary_and_the_per_map_definition(tiny):
+    for arch in ("vgg_like", "resnet_like"):
+        cube, names, _ = V.metric_cube(tiny["evaluation"].scores, arch)
+        statistic = V._correlation_statistic(cube, names)
+        summary = tiny["tables"]["correlation_summary"].set_index("arch").loc[arch]
+        pg, gap = statistic(np.arange(cube.shape[0]))
+        assert pg == pytest.approx(summary["median_abs_r_pointing_game"], abs=1e-12)
+        assert gap == pytest.approx(summary["median_abs_r_pointing_game"] - summary["median_abs_r_other_pairs"],
+                                    abs=1e-12)
+        resample = np.random.default_rng(1).integers(0, cube.shape[0], cube.shape[0])  # repeated images: ties
+        assert statistic(resample) == pytest.approx(_per_map_correlation_medians(cube, names, resample), abs=1e-12)
+
+
 def test_correlations_carry_fisher_intervals(tiny):
     correlations = tiny["tables"]["correlations"]
     off = correlations[correlations["metric_a"] != correlations["metric_b"]]

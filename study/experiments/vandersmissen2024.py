@@ -1061,28 +1061,35 @@ def _tau_statistics(cube: np.ndarray, names: list[str]):
     return statistic, [(names[i], names[j]) for i, j in zip(*upper)]
 
 
+def _pairwise_correlations(values: np.ndarray) -> np.ndarray:
+    """Pearson r of every column pair of (images × columns × maps) values, (maps × columns × columns);
+    NaN where a column is constant."""
+    centred = values - values.mean(axis=0)
+    covariance = np.einsum("imk,ijk->kmj", centred, centred)
+    scale = np.sqrt(np.einsum("kmm->km", covariance))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(covariance / scale[:, :, None] / scale[:, None, :], -1, 1)
+
+
 def _correlation_statistic(cube: np.ndarray, names: list[str]):
     """statistic(indices) -> [median |r| of the pointing game with the other metrics, that minus the
-    median |r| among the other pairs], over every (map, metric pair) of one arch (as
-    `correlation_summary`)."""
-    names = np.array(names)
+    median |r| among the other pairs], over every (map, metric pair) of one arch whose two metrics vary
+    over the images (as `correlation_summary`); the correlations of `_correlation_core`, all maps at once."""
+    aligned = _aligned_values(cube.transpose(0, 2, 1), names).transpose(0, 2, 1)
+    binary = np.array([m in BINARY_METRICS for m in names])
+    i, j = np.triu_indices(len(names), k=1)
+    pg = (np.array(names)[i] == "pointing_game") | (np.array(names)[j] == "pointing_game")
+    spearman = ~binary[i] & ~binary[j]
 
     def statistic(index):
-        with_pg, other = [], []
-        for k in range(cube.shape[2]):
-            values = cube[index, :, k]
-            varying = np.ptp(values, axis=0) > 0
-            if varying.sum() < 2:
-                continue
-            r, _ = _correlation_core(values[:, varying], list(names[varying]))
-            kept = names[varying]
-            i, j = np.triu_indices(len(kept), k=1)
-            pg = (kept[i] == "pointing_game") | (kept[j] == "pointing_game")
-            with_pg.append(np.abs(r[i, j][pg]))
-            other.append(np.abs(r[i, j][~pg]))
-        with_pg, other = np.concatenate(with_pg or [[]]), np.concatenate(other or [[]])
-        pg_median = np.nanmedian(with_pg) if np.isfinite(with_pg).any() else np.nan
-        other_median = np.nanmedian(other) if np.isfinite(other).any() else np.nan
+        values = aligned[index]
+        varying = np.ptp(values, axis=0).T > 0  # (maps, metrics)
+        r = np.where(spearman, _pairwise_correlations(stats.rankdata(values, axis=0))[:, i, j],
+                     _pairwise_correlations(values)[:, i, j])
+        kept = varying[:, i] & varying[:, j]
+        with_pg, other = np.abs(r[kept & pg]), np.abs(r[kept & ~pg])
+        pg_median = np.median(with_pg) if with_pg.size else np.nan
+        other_median = np.median(other) if other.size else np.nan
         return np.array([pg_median, pg_median - other_median])
 
     return statistic
