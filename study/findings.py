@@ -70,7 +70,7 @@ def mean_interval(values, level: float = 0.95, method: str = "t", seed: int = 0)
     """Mean of `values` (one per unit: seed, image, panel) and its `level` confidence interval.
 
     `method="t"`: Student's t interval (`scipy.stats.ttest_1samp`), right for a few seeds;
-    `method="bootstrap"`: BCa bootstrap over units (`scipy.stats.bootstrap`), for many images.
+    `method="bootstrap"`: BCa bootstrap over units (`bootstrap_units`), for many images.
     With a single unit the interval is the point itself (there is nothing to resample); callers
     must report n so that a reader sees it. NaN values are dropped (an undefined score is missing,
     not zero).
@@ -89,24 +89,61 @@ def mean_interval(values, level: float = 0.95, method: str = "t", seed: int = 0)
     if method == "t":
         ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=level)
     elif method == "bootstrap":
-        ci = _bootstrap_ci(x, level, seed)
+        return mean, *bootstrap_units(lambda i: x[i].mean(axis=-1), x.size, method="BCa", level=level, seed=seed,
+                                      vectorized=True)[1:]
     else:
         raise ValueError(f"unknown method {method!r}; choose 't' or 'bootstrap'")
     return mean, float(ci.low), float(ci.high)
 
 
-def _bootstrap_ci(x: np.ndarray, level: float, seed: int):
-    """BCa bootstrap interval of the mean; the percentile interval where BCa is undefined (a nearly
-    degenerate resampling distribution, e.g. one unit differing from all the others)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", stats.DegenerateDataWarning)
-        try:
-            return stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
-                                   random_state=np.random.default_rng(seed)).confidence_interval
-        except stats.DegenerateDataWarning:
-            pass
-    return stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
-                           random_state=np.random.default_rng(seed)).confidence_interval
+BOOTSTRAP_METHODS = ("percentile", "basic", "BCa")
+
+
+def bootstrap_units(statistic, n_units: int, *, method: str = "percentile", level: float = 0.95,
+                    n_resamples: int = 2000, seed: int = 0, vectorized: bool = False):
+    """`statistic(unit indices)` on all `n_units` units and its `level` bootstrap interval over units.
+
+    `scipy.stats.bootstrap` resamples the indices 0 … n_units − 1, so one draw takes all of a unit's
+    data: paired samples, an image with all its scores, a model with all its checkpoints (the same
+    draws as scipy's `paired=True`). The statistic returns a float or a 1-D array; `vectorized`: it
+    takes (…, n) index arrays and reduces the last axis (faster than one call per resample).
+    `method`: "percentile"; "basic" (2·estimate − quantiles, for a minimum, whose percentile interval
+    the noise of the many values it picks from shifts down); "BCa", or the percentile interval where
+    BCa is undefined (a nearly degenerate resampling distribution). Returns (estimate, low, high),
+    floats for a scalar statistic and arrays for a vector one; NaN where the statistic is NaN on
+    resamples. Callers decide what one unit, or units that all agree, mean (nothing to resample).
+    """
+    if isinstance(n_units, bool) or not isinstance(n_units, (int, np.integer)) or n_units < 2:
+        raise ValueError(f"bootstrap_units needs an integer number of units >= 2; got n_units={n_units!r}")
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    index = np.arange(int(n_units))
+    estimate = np.asarray(statistic(index), dtype=np.float64)
+
+    def resampled(i, axis=-1):
+        return np.asarray(statistic(i), dtype=np.float64)
+
+    def interval(how):
+        return stats.bootstrap((index,), resampled if vectorized else lambda i: resampled(i), vectorized=vectorized,
+                               n_resamples=n_resamples, confidence_level=level, method=how,
+                               random_state=np.random.default_rng(seed)).confidence_interval
+
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        ci = None
+        if method == "BCa":
+            warnings.simplefilter("error", stats.DegenerateDataWarning)
+            try:
+                ci = interval("BCa")
+            except stats.DegenerateDataWarning:
+                pass
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # NaN resamples: a NaN interval (documented)
+        ci = ci if ci is not None else interval("percentile" if method == "BCa" else method)
+    low, high = np.asarray(ci.low), np.asarray(ci.high)
+    if estimate.ndim == 0:
+        return float(estimate), float(low), float(high)
+    return estimate, low, high
 
 
 def describe_interval(mean: float, low: float, high: float, n: int, unit: str = "seeds", digits: int = 2,

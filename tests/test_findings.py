@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from study.findings import (NOT_ESTIMATED, VERDICTS, check_summary, describe_interval, findings_table,
-                            interval_verdict, mean_interval)
+from study.findings import (NOT_ESTIMATED, VERDICTS, bootstrap_units, check_summary, describe_interval,
+                            findings_table, interval_verdict, mean_interval)
 
 
 @pytest.mark.parametrize("low, high, verdict", [(0.6, 0.9, "reproduced"), (0.1, 0.4, "not reproduced"),
@@ -110,3 +110,52 @@ def test_mean_interval_bootstrap_falls_back_to_percentile_where_bca_is_undefined
         warnings.simplefilter("error")
         mean, low, high = mean_interval(x, method="bootstrap")
     assert mean == pytest.approx(1 / 30) and 0.0 <= low <= mean <= high
+
+
+def test_bootstrap_units_known_answer():
+    # two units, (1 of 2) and (3 of 4): a resample pools 2/4, 4/6 or 6/8, so the interval is [0.5, 0.75]
+    counts, totals = np.array([1.0, 3.0]), np.array([2.0, 4.0])
+    share, low, high = bootstrap_units(lambda i: counts[i].sum(-1) / totals[i].sum(-1), 2, vectorized=True)
+    assert (share, low, high) == pytest.approx((4 / 6, 0.5, 0.75))
+
+
+@pytest.mark.parametrize("method", ["percentile", "basic", "BCa"])
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_bootstrap_units_equals_scipy_resampling_the_paired_data(method, vectorized):
+    """Resampling unit indices draws what scipy draws for paired samples: the same interval to the bit."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=17), rng.normal(size=17) ** 2
+
+    def gap(u, v, axis=-1):
+        return np.std(u, ddof=1, axis=axis) - np.mean(v, axis=axis)
+
+    reference = stats.bootstrap((x, y), gap, paired=True, vectorized=True, n_resamples=999, method=method,
+                                random_state=np.random.default_rng(7)).confidence_interval
+    estimate, low, high = bootstrap_units(lambda i: gap(x[i], y[i]), 17, method=method, n_resamples=999, seed=7,
+                                          vectorized=vectorized)
+    assert estimate == gap(x, y)
+    assert (low, high) == pytest.approx((reference.low, reference.high), abs=1e-12)
+
+
+def test_bootstrap_units_vector_statistic_nan_and_bca_fallback():
+    values = np.arange(30.0)
+    estimate, low, high = bootstrap_units(lambda i: np.array([values[i].mean(), values[i].min()]), 30,
+                                          n_resamples=200)
+    assert estimate.shape == low.shape == high.shape == (2,) and (low <= estimate).all() and (estimate <= high).all()
+    minimum = bootstrap_units(lambda i: values[i].min(), 30, method="basic", n_resamples=200)
+    assert minimum[0] == 0 and minimum[1] < 0 <= minimum[2]  # basic: 2 · estimate − the quantiles
+    _, low, high = bootstrap_units(lambda i: np.nan, 5, n_resamples=50)
+    assert np.isnan(low) and np.isnan(high)  # an undefined statistic gives an undefined interval, not an error
+    import warnings
+    x = np.ones(8)  # BCa's acceleration is 0 / 0 here: the percentile interval instead, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bootstrap_units(lambda i: x[i].mean(-1), 8, method="BCa", vectorized=True) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"n_units": 1}, {"n_units": 2.0}, {"n_units": True}, {"method": "bca"},
+                                    {"level": 1.0}])
+def test_bootstrap_units_rejects_bad_input(kwargs):
+    arguments = {"n_units": 10, **kwargs}
+    with pytest.raises(ValueError):
+        bootstrap_units(np.mean, arguments.pop("n_units"), **arguments)

@@ -421,19 +421,6 @@ def test_alpha_interval_jackknife_known_answers_and_errors():
         V.alpha_interval(np.array([[1.0, np.nan], [1, 2], [2, 1]]))
 
 
-def test_bootstrap_images_interval_and_errors():
-    values = np.arange(30.0)
-    estimate, low, high = V.bootstrap_images(lambda i: values[i].mean(), 30, n_resamples=500)
-    assert estimate == pytest.approx(14.5) and low < 14.5 < high and high - low < 15
-    vector = V.bootstrap_images(lambda i: np.array([values[i].mean(), values[i].min()]), 30, n_resamples=200,
-                                method="basic")
-    assert vector[0].shape == (2,) and vector[2][1] >= vector[0][1]  # basic: the minimum's interval reaches above it
-    with pytest.raises(ValueError, match="at least 3 images"):
-        V.bootstrap_images(np.mean, 2)
-    with pytest.raises(ValueError, match="percentile"):
-        V.bootstrap_images(np.mean, 10, method="bca")
-
-
 def _per_map_correlation_medians(cube, names, index):
     """The correlation statistic by its definition: per map, the correlations of the metrics that vary."""
     with_pg, other = [], []

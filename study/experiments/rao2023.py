@@ -35,7 +35,7 @@ from scipy import stats
 
 from study import cache, config, data, parallel, plots
 from study import guidance as G
-from study.findings import describe_interval, interval_verdict, mean_interval
+from study.findings import bootstrap_units, describe_interval, interval_verdict, mean_interval
 
 SECTION = "rao2023"
 CONFIGS = {"vanilla_ixg": ("vanilla", "ixg"), "vanilla_gradcam": ("vanilla", "gradcam"),
@@ -1321,7 +1321,7 @@ def _r4_bcos_best_input_epg(s: dict, base_table: pd.DataFrame, summary: pd.DataF
 def cluster_share(counts, totals, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Pooled share sum(counts) / sum(totals) over units whose items are correlated (the front checkpoints
     of one stage-1 model and its fine-tunes), with a `level` percentile bootstrap interval that resamples
-    whole units (`scipy.stats.bootstrap`, counts and totals paired). With one unit, or units of equal
+    whole units (`findings.bootstrap_units`, counts and totals paired). With one unit, or units of equal
     shares, the interval is the point (nothing to resample); callers report the number of units."""
     counts, totals = np.asarray(counts, float), np.asarray(totals, float)
     if (counts.ndim != 1 or counts.shape != totals.shape or counts.size == 0
@@ -1332,10 +1332,9 @@ def cluster_share(counts, totals, level: float = 0.95, seed: int = 0) -> tuple[f
     shares = counts / totals
     if np.all(shares == shares[0]):
         return share, share, share
-    interval = stats.bootstrap((counts, totals), lambda c, t, axis=-1: c.sum(axis) / t.sum(axis), paired=True,
-                               vectorized=True, confidence_level=level, n_resamples=2000, method="percentile",
-                               random_state=np.random.default_rng(seed)).confidence_interval
-    return share, float(interval.low), float(interval.high)
+    _, low, high = bootstrap_units(lambda i: counts[i].sum(-1) / totals[i].sum(-1), counts.size, level=level,
+                                   seed=seed, vectorized=True)
+    return share, low, high
 
 
 def _r6_localisation_vs_f1(base_table: pd.DataFrame, front: pd.DataFrame) -> dict:

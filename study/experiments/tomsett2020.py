@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from study import attribution, config, data, imagenet, metrics, plots, train
-from study.findings import interval_verdict
+from study.findings import bootstrap_units, interval_verdict
 from study.models import MiniVGG, SmallCNN
 
 SECTION = "tomsett2020"
@@ -1138,7 +1138,7 @@ def _jackknife(statistic, data) -> tuple[float, float, float]:
 def ranking_shift(table: pd.DataFrame, reference: str, other: str, seed: int = 0, n_resamples: int = 1000) -> pd.DataFrame:
     """Per metric: Spearman ρ between the methods' mean scores under two variants (the agreement of the
     two rankings; 1 = same order), with a 95% percentile bootstrap CI over images
-    (`scipy.stats.bootstrap`, images resampled with both variants' scores together). Not a jackknife:
+    (`findings.bootstrap_units`, images resampled with both variants' scores together). Not a jackknife:
     ρ of a handful of means is a step function of the data, and leave-one-out pseudo-values of a
     non-smooth statistic give intervals that can miss the estimate."""
     rows = []
@@ -1152,9 +1152,7 @@ def ranking_shift(table: pd.DataFrame, reference: str, other: str, seed: int = 0
         estimate = float(rho(np.arange(data.shape[0])))
         low = high = np.nan
         if np.isfinite(estimate):
-            interval = stats.bootstrap((np.arange(data.shape[0]),), rho, vectorized=False, n_resamples=n_resamples,
-                                       method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
-            low, high = float(interval.low), float(interval.high)
+            _, low, high = bootstrap_units(rho, data.shape[0], n_resamples=n_resamples, seed=seed)
         rows.append({"metric": metric, "rho": estimate, "low": low, "high": high, "n": data.shape[0]})
     return pd.DataFrame(rows)
 

@@ -1001,32 +1001,6 @@ BASELINE_GROUPS = (("deletion_zero_region", "deletion_uniform_region", "deletion
                    ("insertion_uniform_region", "insertion_blur_region"))
 
 
-def bootstrap_images(statistic, n_images: int, *, method: str = "percentile", n_resamples: int = N_BOOT,
-                     level: float = LEVEL, seed: int = 0):
-    """`statistic(image indices) -> float or 1-D array` on all images and its `level` bootstrap
-    interval over images (`scipy.stats.bootstrap` resamples the indices). `method`: "percentile",
-    or "basic" (2·estimate − quantiles) for a minimum, whose percentile interval is shifted down by
-    the noise of the many pairs it picks from. Returns (estimate, low, high), floats for a scalar
-    statistic, arrays for a vector one; NaN where a resample's statistic is NaN."""
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 3:
-        raise ValueError(f"bootstrap_images needs at least 3 images; got n_images={n_images!r}")
-    if method not in ("percentile", "basic"):
-        raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    index = np.arange(int(n_images))
-    estimate = np.asarray(statistic(index), dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # NaN resamples give a NaN interval (documented)
-        result = stats.bootstrap((index,), lambda i: np.asarray(statistic(np.asarray(i, dtype=np.int64)), np.float64),
-                                 vectorized=False, n_resamples=n_resamples, confidence_level=level, method=method,
-                                 random_state=np.random.default_rng(seed))
-    low, high = np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
-    if estimate.ndim == 0:
-        return float(estimate), float(low), float(high)
-    return estimate, low, high
-
-
 def metric_cube(scores: pd.DataFrame, arch: str, families=PAPER_FAMILIES) -> tuple[np.ndarray, list[str], list[str]]:
     """One arch's scores as an (images × metrics × maps) array, metrics in METRICS order and maps in
     `map_order`; maps without scores for this arch (LRP on the ResNet-like) are left out."""
@@ -1100,7 +1074,7 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
     estimate, low, high, n, unit, method) plus the Kendall τ of every metric pair with its
     percentile bootstrap interval (`tau_intervals`) and the per-metric dummy margins
     (`dummy_margins`). Resampling is over images; nothing is resampled that would copy a rater of α."""
-    from study.findings import mean_interval
+    from study.findings import bootstrap_units, mean_interval
 
     rows, tau_rows, dummy_rows = [], [], []
 
@@ -1115,9 +1089,9 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
         cube, names, maps = metric_cube(scores, arch)
         n = cube.shape[0]
         tau_stat, pairs = _tau_statistics(cube, names)
-        estimate, low, high = bootstrap_images(tau_stat, n, n_resamples=n_boot, level=level, seed=seed)
-        _, basic_low, basic_high = bootstrap_images(lambda i: tau_stat(i)[1:3], n, method="basic",
-                                                    n_resamples=n_boot, level=level, seed=seed)
+        estimate, low, high = bootstrap_units(tau_stat, n, n_resamples=n_boot, level=level, seed=seed)
+        _, basic_low, basic_high = bootstrap_units(lambda i: tau_stat(i)[1:3], n, method="basic",
+                                                   n_resamples=n_boot, level=level, seed=seed)
         basic_low, basic_high = np.clip(basic_low, -1, 1), np.clip(basic_high, -1, 1)  # τ's range
         add(arch, "mean_tau", (estimate[0], low[0], high[0]), n, "images", "percentile bootstrap")
         add(arch, "min_tau", (estimate[1], basic_low[0], basic_high[0]), n, "images", "basic bootstrap")
@@ -1125,8 +1099,8 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
         tau_rows += [{"arch": arch, "metric_a": a, "metric_b": b, "tau": t, "low": lo, "high": hi}
                      for (a, b), t, lo, hi in zip(pairs, estimate[3:], low[3:], high[3:])]
         if "pointing_game" in names:  # no boxes: no pointing game
-            corr = bootstrap_images(_correlation_statistic(cube, names), n, n_resamples=n_boot, level=level,
-                                    seed=seed)
+            corr = bootstrap_units(_correlation_statistic(cube, names), n, n_resamples=n_boot, level=level,
+                                   seed=seed)
             add(arch, "median_abs_r_pg", (corr[0][0], corr[1][0], corr[2][0]), n, "images", "percentile bootstrap")
             add(arch, "pg_minus_other", (corr[0][1], corr[1][1], corr[2][1]), n, "images", "percentile bootstrap")
         # soft / binarised Drop gap, sparse (IG, SmoothGrad) minus coarse (Grad-CAM, occlusion, RISE), per image
@@ -1136,8 +1110,8 @@ def uncertainty(scores: pd.DataFrame, seed: int = 0, n_boot: int = N_BOOT, level
             gaps[metric] = (matrix[list(SPARSE)].mean(axis=1) - matrix[list(COARSE)].mean(axis=1)).to_numpy()
         add(arch, "drop_gap_soft", mean_interval(gaps["average_drop"], level, "t"), n, "images", "t")
         soft, binary = gaps["average_drop"], gaps["average_drop_binarised"]
-        add(arch, "drop_gap_ratio", bootstrap_images(lambda i: binary[i].mean() / soft[i].mean(), n,
-                                                     n_resamples=n_boot, level=level, seed=seed),
+        add(arch, "drop_gap_ratio", bootstrap_units(lambda i: binary[i].mean() / soft[i].mean(), n,
+                                                    n_resamples=n_boot, level=level, seed=seed),
             n, "images", "percentile bootstrap")
         # blurring IG / SmoothGrad: per-image improvement of the soft Drop (percentage points)
         drop = per_image(scores, arch, "average_drop", ("method", "variant"))

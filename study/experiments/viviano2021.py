@@ -30,7 +30,7 @@ from scipy import stats
 from torch.utils.data import DataLoader
 
 from study import attribution, config, data, losses, metrics, parallel, train
-from study.findings import describe_interval, interval_verdict, mean_interval
+from study.findings import bootstrap_units, describe_interval, interval_verdict, mean_interval
 from study.models import SmallResNet18
 
 SECTION = "viviano2021"
@@ -1042,10 +1042,7 @@ def std_gap_interval(table: pd.DataFrame, a: str, b: str, column: str = "test_au
     def gap(u, v, axis=-1):
         return np.std(u, ddof=1, axis=axis) - np.std(v, ddof=1, axis=axis)
 
-    point = float(gap(x, y))
-    ci = stats.bootstrap((x, y), gap, paired=True, vectorized=True, n_resamples=2000, method="percentile",
-                         random_state=np.random.default_rng(seed)).confidence_interval
-    low, high = float(ci.low), float(ci.high)
+    point, low, high = bootstrap_units(lambda i: gap(x[i], y[i]), len(x), seed=seed, vectorized=True)
     if not (math.isfinite(low) and math.isfinite(high)):  # every resample identical
         low = high = point
     return point, min(low, point), max(high, point), len(common)
