@@ -122,28 +122,26 @@ def bootstrap_units(statistic, n_units: int, *, method: str = "percentile", leve
     index = np.arange(int(n_units))
     estimate = np.asarray(statistic(index), dtype=np.float64)
 
-    def resampled(i, axis=-1):
+    def resampled(i, axis=-1):  # vectorized: scipy passes axis=-1, the axis the statistic reduces
         return np.asarray(statistic(i), dtype=np.float64)
 
     def interval(how):
-        return stats.bootstrap((index,), resampled if vectorized else lambda i: resampled(i), vectorized=vectorized,
-                               n_resamples=n_resamples, confidence_level=level, method=how,
-                               random_state=np.random.default_rng(seed)).confidence_interval
+        ci = stats.bootstrap((index,), resampled, vectorized=vectorized, n_resamples=n_resamples,
+                             confidence_level=level, method=how, random_state=np.random.default_rng(seed))
+        low, high = np.asarray(ci.confidence_interval.low), np.asarray(ci.confidence_interval.high)
+        if estimate.ndim == 0:
+            return float(estimate), float(low), float(high)
+        return estimate, low, high
 
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        ci = None
         if method == "BCa":
             warnings.simplefilter("error", stats.DegenerateDataWarning)
             try:
-                ci = interval("BCa")
-            except stats.DegenerateDataWarning:
-                pass
+                return interval("BCa")
+            except stats.DegenerateDataWarning:  # BCa undefined: the percentile interval
+                method = "percentile"
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # NaN resamples: a NaN interval (documented)
-        ci = ci if ci is not None else interval("percentile" if method == "BCa" else method)
-    low, high = np.asarray(ci.low), np.asarray(ci.high)
-    if estimate.ndim == 0:
-        return float(estimate), float(low), float(high)
-    return estimate, low, high
+        return interval(method)
 
 
 def describe_interval(mean: float, low: float, high: float, n: int, unit: str = "seeds", digits: int = 2,
