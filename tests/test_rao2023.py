@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+from scipy import stats
 import pandas as pd
 import pytest
 import torch
@@ -538,8 +539,21 @@ def test_r6_counts_units_not_correlated_checkpoints():
     assert "share losing F1 0.57 [" in row["uncertainty"] and "bootstrap over 5 configuration × seed units" in row["uncertainty"]
 
 
+def test_cluster_share_is_scipys_bca_interval_over_paired_units():
+    # The BCa interval, chosen by benchmarks/ratio_interval_coverage.py (its worst coverage over the
+    # simulated rows is the highest of percentile, BCa and the linearised ratio t at 12 units).
+    counts, totals = np.array([3, 9, 0, 14, 5, 7.0]), np.array([30, 28, 25, 40, 33, 36.0])
+    share, low, high = R.cluster_share(counts, totals, seed=3)
+    ci = stats.bootstrap((counts, totals), lambda c, t, axis=-1: c.sum(axis) / t.sum(axis), paired=True,
+                         vectorized=True, n_resamples=2000, method="BCa",
+                         random_state=np.random.default_rng(3)).confidence_interval
+    assert share == pytest.approx(38 / 192, abs=1e-12)
+    assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert low < share < high
+
+
 def test_cluster_share_interval_known_answer_and_bad_input():
-    # two units (1 of 2, 3 of 4): resamples give 2/4, 4/6 or 6/8, so the 95% percentile interval is [0.5, 0.75]
+    # two units (1 of 2, 3 of 4): resamples give 2/4, 4/6 or 6/8, so the 95% interval (BCa, as percentile) is [0.5, 0.75]
     share, low, high = R.cluster_share([1, 3], [2, 4])
     assert share == pytest.approx(4 / 6) and low == pytest.approx(0.5) and high == pytest.approx(0.75)
     assert R.cluster_share([3], [4]) == (0.75, 0.75, 0.75)  # one unit: nothing to resample
