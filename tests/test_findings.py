@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from study.findings import (NOT_ESTIMATED, VERDICTS, bootstrap_units, check_summary, describe_interval,
-                            findings_table, interval_verdict, mean_interval)
+from study.findings import (NOT_ESTIMATED, VERDICTS, bootstrap_units, check_summary, correlation_interval,
+                            describe_interval, findings_table, interval_verdict, mean_interval)
 
 
 @pytest.mark.parametrize("low, high, verdict", [(0.6, 0.9, "reproduced"), (0.1, 0.4, "not reproduced"),
@@ -159,3 +159,31 @@ def test_bootstrap_units_rejects_bad_input(kwargs):
     arguments = {"n_units": 10, **kwargs}
     with pytest.raises(ValueError):
         bootstrap_units(np.mean, arguments.pop("n_units"), **arguments)
+
+
+def test_correlation_interval_pearson_is_scipys_fisher_interval():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=30)
+    y = 0.6 * x + rng.normal(size=30)
+    result = stats.pearsonr(x, y)
+    ci = result.confidence_interval(confidence_level=0.9)
+    low, high = correlation_interval(result.statistic, 30, level=0.9)
+    assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_correlation_interval_spearman_known_answer_and_edges():
+    # ρ 0.5 over 28 images: atanh(0.5) ± 1.96 · √1.06 / 5 (Fieller, Hartley & Pearson), back through tanh
+    assert correlation_interval(0.5, 28, spearman=True) == pytest.approx((0.144702, 0.741087), abs=1e-6)
+    low, high = correlation_interval(0.5, 28)
+    assert 0.144702 < low and high < 0.741087  # Pearson's SE is the narrower one
+    assert correlation_interval(-0.5, 28, spearman=True) == pytest.approx((-0.741087, -0.144702), abs=1e-6)
+    assert np.isnan(correlation_interval(0.5, 3)).all()  # n − 3 = 0: undefined
+    assert np.isnan(correlation_interval(np.nan, 30)).all()
+    assert correlation_interval(1.0 + 1e-15, 30) == (1.0, 1.0)  # perfect: the point (scipy's is within 1e-14)
+    assert correlation_interval(-1.0, 30, spearman=True) == (-1.0, -1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"n": 10.5}, {"n": True}, {"level": 1.0}, {"r": 1.5}])
+def test_correlation_interval_rejects_bad_input(kwargs):
+    with pytest.raises(ValueError):
+        correlation_interval(**{"r": 0.3, "n": 10, **kwargs})

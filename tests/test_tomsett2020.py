@@ -573,6 +573,17 @@ def test_rule_rejects_bad_input(name):
         rule(passing.drop(columns=[c for c in ("low", "excess_low") if c in passing]), "10 images")
 
 
+@pytest.mark.parametrize("name", sorted(set(RULE_CASES) - {"inter_method"}))
+def test_count_rule_without_any_interval_is_not_tested(name):
+    # e.g. alpha_ci=False: every interval is NaN, so no cell can count for or against the claim
+    rule, passing, *_ = RULE_CASES[name]
+    blind = passing.copy()
+    blind[[c for c in ("low", "high", "excess_low", "excess_high") if c in blind]] = np.nan
+    row = rule(blind, "10 images")
+    assert row["verdict"] == "not tested"
+    assert "no cell with a defined interval" in row["uncertainty"]
+
+
 def test_inter_method_rule_is_partly_reproduced_when_one_part_fails():
     mixed = _inter([(0.55, 0.7), (0.1, 0.3), (0.2, 0.4), (0.05, 0.2)])
     assert t.rule_inter_method(mixed, "n")["verdict"] == "partly reproduced"

@@ -14,6 +14,7 @@ from scipy import stats
 import study  # noqa: F401  (before torchvision)
 from study import attribution, config, data, imagenet, train
 from study.experiments import vandersmissen2024 as V
+from study.findings import correlation_interval
 from study.models import MODELS, ResNetLike, VGGLike, capture
 
 
@@ -453,9 +454,10 @@ def test_correlations_carry_fisher_intervals(tiny):
     off = correlations[correlations["metric_a"] != correlations["metric_b"]]
     assert {"r_low", "r_high"} <= set(correlations.columns)
     assert ((off["r_low"] <= off["r"] + 1e-9) & (off["r"] <= off["r_high"] + 1e-9)).all()
-    x, y = np.arange(10.0), np.array([1, 3, 2, 5, 4, 7, 6, 9, 8, 10.0])
-    ci = stats.pearsonr(x, y).confidence_interval()
-    assert -1 < ci.low < ci.high < 1  # the scipy interval used per pair
+    for kind, spearman in (("spearman", True), ("point-biserial", False)):  # Spearman's SE, Pearson's
+        row = off[(off["correlation"] == kind) & (off["r"].abs() < 0.99)].iloc[0]
+        expected = correlation_interval(row["r"], SIZES["n_images"], spearman=spearman)
+        assert (row["r_low"], row["r_high"]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_reliability_and_tau_intervals_of_the_run(tiny):

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from study import attribution, config, data, imagenet, metrics, plots, train
-from study.findings import bootstrap_units, interval_verdict
+from study.findings import bootstrap_units, correlation_interval, interval_verdict
 from study.models import MiniVGG, SmallCNN
 
 SECTION = "tomsett2020"
@@ -695,8 +695,8 @@ def inter_method_summary(table: pd.DataFrame, exclude=()) -> pd.DataFrame:
 
 
 def spearman_ci(x, y, level: float = 0.95) -> tuple[float, float, float, int]:
-    """Spearman ρ of the images where both are defined (NaN pairs left out), its Fisher-z CI (Pearson
-    r of the ranks, `scipy.stats.pearsonr(...).confidence_interval`) and n; NaNs when undefined."""
+    """Spearman ρ of the images where both are defined (NaN pairs left out), its Fisher-z CI
+    (`findings.correlation_interval`, Spearman's SE) and n; NaNs when undefined."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D of the same length; got {x.shape} and {y.shape}")
@@ -705,9 +705,8 @@ def spearman_ci(x, y, level: float = 0.95) -> tuple[float, float, float, int]:
     n = int(keep.sum())
     if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return np.nan, np.nan, np.nan, n
-    result = stats.pearsonr(stats.rankdata(x), stats.rankdata(y))
-    interval = result.confidence_interval(confidence_level=level)
-    return float(result.statistic), float(interval.low), float(interval.high), n
+    rho = float(stats.spearmanr(x, y).statistic)
+    return rho, *correlation_interval(rho, n, level, spearman=True), n
 
 
 def internal_consistency_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -1421,6 +1420,13 @@ def _cells(frame, low: str, high: str, passes, reaches) -> tuple[int, int, int]:
     return certain, possible, len(finite)
 
 
+def _not_tested(claim: str, units: str) -> dict:
+    """A count rule none of whose cells has a defined interval (e.g. `alpha_ci=False`): nothing to count."""
+    return _row(claim, "not tested: no cell has a defined 95% interval (alpha_ci=False skips α's; too few images "
+                "leave correlations undefined)", "not tested", "counts cells by their intervals", units,
+                "not estimated (no cell with a defined interval)")
+
+
 def _share_text(certain: int, possible: int, total: int, what: str) -> str:
     return f"{certain} of {total} cells wholly {what}, {possible - certain} straddle"
 
@@ -1442,11 +1448,13 @@ def rule_ranking_shift(cells: pd.DataFrame, units: str) -> dict:
     """Rule 1: the ranking ρ (mean vs uniform replacement) has its 95% CI wholly below 0.8 for ≥ 2 of the metrics."""
     _require(cells, ["metric", "rho", "low", "high"], "rule_ranking_shift")
     certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: hi < 0.8, lambda lo, hi: lo < 0.8)
-    needed = min(2, max(1, total))
+    if total == 0:
+        return _not_tested(CLAIMS["ranking"], units)
+    needed = min(2, total)
     text = "ranking ρ of the method means, mean vs uniform: " + ", ".join(
         f"{METRIC_LABELS.get(m, m)} {_ci(r, lo, hi)}" for m, r, lo, hi in
         zip(cells["metric"], cells["rho"], cells["low"], cells["high"]))
-    return _row(CLAIMS["ranking"], text, count_verdict(certain, possible, needed) if total else "inconclusive",
+    return _row(CLAIMS["ranking"], text, count_verdict(certain, possible, needed),
                 f"reproduced if the 95% CI of the ranking ρ lies wholly below 0.8 for ≥ {needed} of {len(cells)} metrics; "
                 f"not reproduced if fewer CIs than that reach below 0.8", units,
                 f"95% percentile bootstrap CI over images per metric; {certain} of {total} metrics wholly below 0.8, "
@@ -1457,7 +1465,9 @@ def rule_low_alpha(alphas: pd.DataFrame, units: str) -> dict:
     """Rule 2: α's CI lies wholly below 0.667 in more than half of the metric × variant cells."""
     _require(alphas, ["metric", "variant", "alpha", "low", "high"], "rule_low_alpha")
     certain, possible, total = _cells(alphas, "low", "high", lambda lo, hi: hi < TENTATIVE, lambda lo, hi: lo < TENTATIVE)
-    needed = _majority(total) if total else 1
+    if total == 0:
+        return _not_tested(CLAIMS["alpha"], units)
+    needed = _majority(total)
     text = (f"α from {alphas['alpha'].min():.2f} to {alphas['alpha'].max():.2f} over {len(alphas)} metric × variant "
             f"cells (all methods); {int((alphas['alpha'] < TENTATIVE).sum())} point estimates below {TENTATIVE}")
     return _row(CLAIMS["alpha"], text, count_verdict(certain, possible, needed),
@@ -1470,7 +1480,9 @@ def rule_inconsistent(cells: pd.DataFrame, units: str) -> dict:
     """Rule 3: internal-consistency ρ has its CI wholly below 0.5 in more than half of the cells."""
     _require(cells, ["rho", "low", "high"], "rule_inconsistent")
     certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: hi < 0.5, lambda lo, hi: lo < 0.5)
-    needed = _majority(total) if total else 1
+    if total == 0:
+        return _not_tested(CLAIMS["consistency"], units)
+    needed = _majority(total)
     text = (f"ρ between sign-aligned metric pairs, real methods × variants × pairs: median {cells['rho'].median():.2f} "
             f"(range {_range(cells['rho'])})")
     return _row(CLAIMS["consistency"], text, count_verdict(certain, possible, needed),
@@ -1502,11 +1514,13 @@ def rule_alpha_shift(cells: pd.DataFrame, units: str) -> dict:
     _require(cells, ["metric", "diff", "low", "high"], "rule_alpha_shift")
     certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: lo > 0.1 or hi < -0.1,
                                       lambda lo, hi: hi > 0.1 or lo < -0.1)
-    needed = min(2, max(1, total))
+    if total == 0:
+        return _not_tested(CLAIMS["alpha_shift"], units)
+    needed = min(2, total)
     text = "α(mean) − α(uniform): " + ", ".join(
         f"{METRIC_LABELS.get(m, m)} {_ci(d, lo, hi)}" for m, d, lo, hi in
         zip(cells["metric"], cells["diff"], cells["low"], cells["high"]))
-    return _row(CLAIMS["alpha_shift"], text, count_verdict(certain, possible, needed) if total else "inconclusive",
+    return _row(CLAIMS["alpha_shift"], text, count_verdict(certain, possible, needed),
                 f"reproduced if the 95% CI of α(mean) − α(uniform) lies wholly beyond ±0.1 for ≥ {needed} of "
                 f"{len(cells)} metrics; not reproduced if fewer CIs than that reach beyond ±0.1", units,
                 f"95% jackknife t CI over images per metric; {certain} of {total} wholly beyond ±0.1, "
@@ -1540,7 +1554,9 @@ def rule_morf_lerf(cells: pd.DataFrame, units: str) -> dict:
     _require(cells, ["rho", "low", "high"], "rule_morf_lerf")
     certain, possible, total = _cells(cells, "low", "high", lambda lo, hi: lo > -0.5 and hi < 0.5,
                                       lambda lo, hi: lo < 0.5 and hi > -0.5)
-    needed = _majority(total) if total else 1
+    if total == 0:
+        return _not_tested(CLAIMS["morf_lerf"], units)
+    needed = _majority(total)
     text = (f"ρ(MoRF, aligned LeRF), real method × variant cells: median {cells['rho'].median():.2f}, "
             f"range {_range(cells['rho'])}")
     return _row(CLAIMS["morf_lerf"], text, count_verdict(certain, possible, needed),
@@ -1558,6 +1574,8 @@ def rule_random_outranks(cells: pd.DataFrame, units: str, share: float = 0.1) ->
     per_cell = finite.groupby(["metric", "variant"], sort=False).agg(low=("low", "max"), high=("high", "max"))
     total = len(per_cell)
     certain, possible = int((per_cell["low"] > 0).sum()), int((per_cell["high"] > 0).sum())
+    if total == 0:
+        return _not_tested(CLAIMS["random"], units)
     needed = max(1, math.ceil(share * total))
     beaten = finite[finite["low"] > 0]
     text = (f"Random beats a real method (paired CI wholly above 0) in {certain} of {total} metric × variant cells"

@@ -792,9 +792,11 @@ def metric_correlations(scores: pd.DataFrame, families=PAPER_FAMILIES, level: fl
     """Per (arch, map): the correlation across images of every pair of metrics (Spearman;
     point-biserial with a binary metric; Pearson = phi for two binary ones), after flipping the
     lower-is-better metrics to 1 − x (card E5), with its `level` confidence interval
-    (`scipy.stats.pearsonr(...).confidence_interval`, Fisher z; for Spearman on the ranks, the usual
-    approximation). Metrics constant over the images of a map have no defined correlation and are
-    left out. Long format: arch, map, metric_a, metric_b, r, r_low, r_high, correlation."""
+    (`findings.correlation_interval`: Fisher z, with Spearman's SE for Spearman). Metrics constant over
+    the images of a map have no defined correlation and are left out. Long format: arch, map,
+    metric_a, metric_b, r, r_low, r_high, correlation."""
+    from study.findings import correlation_interval
+
     rows = []
     for (arch, name), group in _metric_rows(scores, families).groupby(["arch", "map"], sort=False):
         wide = group.pivot(index="image", columns="metric", values="score")
@@ -802,19 +804,15 @@ def metric_correlations(scores: pd.DataFrame, families=PAPER_FAMILIES, level: fl
         if len(varying) < 2 or len(wide) < 3:
             continue
         r, kind = correlation_matrix(wide[varying])
-        values = _aligned_values(wide[varying].to_numpy(np.float64), varying)
-        ranked = stats.rankdata(values, axis=0)
         low, high = np.ones_like(r), np.ones_like(r)
         for i in range(len(varying)):
             for j in range(i + 1, len(varying)):
-                source = ranked if kind[i, j] == "spearman" else values
                 if len(wide) > 3:
-                    ci = stats.pearsonr(source[:, i], source[:, j]).confidence_interval(level)
-                    low[i, j] = low[j, i] = float(ci.low)
-                    high[i, j] = high[j, i] = float(ci.high)
+                    low[i, j], high[i, j] = correlation_interval(r[i, j], len(wide), level,
+                                                                 spearman=kind[i, j] == "spearman")
                 else:  # Fisher's interval needs n > 3
-                    low[i, j] = low[j, i] = -1.0
-                    high[i, j] = high[j, i] = 1.0
+                    low[i, j], high[i, j] = -1.0, 1.0
+                low[j, i], high[j, i] = low[i, j], high[i, j]
         a, b = np.meshgrid(np.arange(len(varying)), np.arange(len(varying)), indexing="ij")
         rows.append(pd.DataFrame({"arch": arch, "map": name, "metric_a": np.array(varying)[a.ravel()],
                                   "metric_b": np.array(varying)[b.ravel()], "r": r.ravel(), "r_low": low.ravel(),
