@@ -8,7 +8,8 @@ Each replicate draws `units` units: a size of 25–45 checkpoints, a unit share 
 μ and intra-unit correlation ρ (its variance is ρ·μ(1 − μ)), and a Binomial count. The true share is
 μ. For each interval method the table gives the share of replicates whose interval holds μ:
 
-- `percentile`: `findings.bootstrap_units` over units (2,000 resamples), R6's interval until 2026-12-07;
+- `percentile`: `rao2023.cluster_share(method="percentile")`, a `findings.bootstrap_units` interval over
+  units (2,000 resamples), R6's interval until 2026-12-07;
 - `BCa`: the same with BCa, `rao2023.cluster_share` (R6's interval since);
 - `ratio t`: the linearised ratio estimator, share ± t(n − 1) · sd(u) / √n with
   u_i = (count_i − share · total_i) / mean(total): the t interval (`findings.mean_interval`) of share + u.
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from study.experiments import rao2023 as R
-from study.findings import bootstrap_units, mean_interval
+from study.findings import mean_interval
 
 
 def draw(rng, units: int, mu: float, rho: float) -> tuple[np.ndarray, np.ndarray]:
@@ -38,15 +39,6 @@ def draw(rng, units: int, mu: float, rho: float) -> tuple[np.ndarray, np.ndarray
     concentration = (1 - rho) / rho  # Beta(a, b) with a + b = concentration has variance ρ·μ(1 − μ)
     shares = rng.beta(mu * concentration, (1 - mu) * concentration, size=units)
     return rng.binomial(totals.astype(int), shares).astype(float), totals
-
-
-def percentile(counts, totals, seed: int) -> tuple[float, float]:
-    if np.all(counts / totals == counts[0] / totals[0]):
-        share = counts[0] / totals[0]
-        return share, share
-    _, low, high = bootstrap_units(lambda i: counts[i].sum(-1) / totals[i].sum(-1), counts.size, seed=seed,
-                                   vectorized=True)
-    return low, high
 
 
 def ratio_t(counts, totals):
@@ -66,7 +58,7 @@ def main() -> None:
             hits = {"percentile": 0, "BCa": 0, "ratio t": 0}
             for replicate in range(args.replicates):
                 counts, totals = draw(rng, args.units, mu, rho)
-                intervals = {"percentile": percentile(counts, totals, replicate),
+                intervals = {"percentile": R.cluster_share(counts, totals, seed=replicate, method="percentile")[1:],
                              "BCa": R.cluster_share(counts, totals, seed=replicate)[1:],
                              "ratio t": ratio_t(counts, totals)}
                 for method, (low, high) in intervals.items():

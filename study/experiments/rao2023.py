@@ -1318,13 +1318,15 @@ def _r4_bcos_best_input_epg(s: dict, base_table: pd.DataFrame, summary: pd.DataF
             "verdict": combine(parts), "n": f"{n} {_unit(pairs)}", "uncertainty": " | ".join(texts)}
 
 
-def cluster_share(counts, totals, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def cluster_share(counts, totals, level: float = 0.95, seed: int = 0,
+                  method: str = "BCa") -> tuple[float, float, float]:
     """Pooled share sum(counts) / sum(totals) over units whose items are correlated (the front checkpoints
     of one stage-1 model and its fine-tunes), with a `level` BCa bootstrap interval that resamples whole
     units (`findings.bootstrap_units`, counts and totals paired). With one unit, or units of equal
     shares, the interval is the point (nothing to resample); callers report the number of units.
     Over 12 units every interval tried covers less than `level` (`benchmarks/ratio_interval_coverage.py`:
-    BCa's worst simulated coverage is the least bad, percentile's the worst)."""
+    BCa's worst simulated coverage is the least bad, percentile's the worst); `method` is another
+    `bootstrap_units` method, for that comparison."""
     counts, totals = np.asarray(counts, float), np.asarray(totals, float)
     if (counts.ndim != 1 or counts.shape != totals.shape or counts.size == 0
             or (counts < 0).any() or (counts > totals).any() or (totals <= 0).any()):
@@ -1334,7 +1336,7 @@ def cluster_share(counts, totals, level: float = 0.95, seed: int = 0) -> tuple[f
     shares = counts / totals
     if np.all(shares == shares[0]):
         return share, share, share
-    _, low, high = bootstrap_units(lambda i: counts[i].sum(-1) / totals[i].sum(-1), counts.size, method="BCa",
+    _, low, high = bootstrap_units(lambda i: counts[i].sum(-1) / totals[i].sum(-1), counts.size, method=method,
                                    level=level, seed=seed, vectorized=True)
     return share, low, high
 
