@@ -414,11 +414,14 @@ def test_combine_parts_of_a_claim():
         R.combine([])
 
 
-def _summary(energy, l1):
+def _summary(energy, l1, config="bcos", seed=None):
+    """One panel per value pair: of one model (`seed` given: layers of that seed's model) or, by default,
+    of a model per panel (the i-th pair at the input layer of seed i)."""
     rows = []
     for i, (e, l) in enumerate(zip(energy, l1)):
         for loss, value in (("energy", e), ("l1", l)):
-            rows.append({"config": "bcos", "layer": f"layer{i}", "loss": loss, "hv_epg": value, "hv_iou": value})
+            rows.append({"config": config, "layer": "input" if seed is None else f"layer{i}", "loss": loss,
+                         "hv_epg": value, "hv_iou": value, "seed": i if seed is None else seed})
     return pd.DataFrame(rows)
 
 
@@ -432,7 +435,8 @@ def test_r1_r2_hypervolume_ratio_rule():
     assert R._r2_l1_best_iou(failing)["verdict"] == "reproduced"
     assert R._r2_l1_best_iou(passing)["verdict"] == "not reproduced"
     row = R._r1_energy_best_epg(passing)
-    assert row["n"].startswith("4 panels (1 configs × 4 layers × 2 losses)") and "95% t CI over 4 panels" in row["uncertainty"]
+    assert row["n"].startswith("4 stage-1 models (4 panel × seed values; 1 configs × 1 layers × 2 losses × 4 seeds)")
+    assert "95% t CI over 4 stage-1 models" in row["uncertainty"]
 
 
 def _full_grid_summary(losses=("energy", "l1", "ppce", "rrr")):
@@ -452,21 +456,48 @@ def test_r1_r2_say_whether_they_were_decided_on_the_papers_full_grid():
             assert "not the paper's full grid" in text and "decided on the paper's full grid" not in text
 
 
-def test_r1_r2_with_seeds_take_each_panel_and_seed_as_a_unit():
-    seeds = [_summary(e, l).assign(seed=k) for k, (e, l) in enumerate([([1.0, 1.1], [0.5, 0.5]), ([1.2, 1.0], [0.6, 0.5]),
-                                                                       ([1.1, 1.3], [0.5, 0.6])])]
+def test_r1_r2_take_each_stage1_model_as_a_unit():
+    # The panels of one stage-1 model (family, seed) share its training run and reference F1: their ratios are
+    # averaged into one unit. Vanilla I×G and Vanilla Grad-CAM share the vanilla baseline (`baseline_spec` keys
+    # by family), so their panels of one seed are one unit.
+    vanilla = pd.concat([_summary([2.0, 1.0], [1.0, 1.0], "vanilla_ixg", seed=0),
+                         _summary([1.5], [1.0], "vanilla_gradcam", seed=0).assign(layer="final")])
+    summary = pd.concat([vanilla, _summary([1.2], [1.0], "bcos", seed=0)], ignore_index=True)
+    row = R._r1_energy_best_epg(summary)
+    # units: vanilla (2.0 + 1.0 + 1.5) / 3 = 1.5 and B-cos 1.2; mean 1.35, t(1) interval 1.35 ± 12.706 × 0.15
+    assert row["uncertainty"].startswith("1.350 [-0.556, 3.256], 95% t CI over 2 stage-1 models")
+    assert row["n"].startswith("2 stage-1 models (4 panel values;") and "2.00, 1.00, 1.50, 1.20" in row["this_run"]
+    assert row["verdict"] == "inconclusive"
+    # three layers of one model whose ratios all clear 0.95 are still one unit: its mean, no interval
+    one_model = _summary([1.0, 1.1, 1.2], [0.5, 0.5, 0.5], seed=0)
+    assert R._r1_energy_best_epg(one_model)["n"].startswith("1 stage-1 models")
+    seeds = [_summary(e, l, seed=k) for k, (e, l) in enumerate([([1.0, 1.1], [0.5, 0.5]), ([1.2, 1.0], [0.6, 0.5]),
+                                                                ([1.1, 1.3], [0.5, 0.6])])]
     passing = pd.concat(seeds, ignore_index=True)
     row = R._r1_energy_best_epg(passing)
-    assert row["verdict"] == "reproduced" and row["n"].startswith("6 panel × seed units") and "3 seeds" in row["n"]
-    assert "per panel and seed" in row["this_run"] and "over 6 panel × seed units" in row["uncertainty"]
+    assert row["verdict"] == "reproduced" and row["n"].startswith("3 stage-1 models (6 panel × seed values") \
+        and "3 seeds" in row["n"]
+    assert "per panel and seed" in row["this_run"] and "over 3 stage-1 models" in row["uncertainty"]
     failing = passing.assign(loss=passing.loss.map({"energy": "l1", "l1": "energy"}))
     assert R._r1_energy_best_epg(failing)["verdict"] == "not reproduced"
-    # one seed whose ratio flips: the interval over 6 units straddles 0.95
+    # one seed whose ratio flips: the interval over 3 models straddles 0.95
     mixed = pd.concat([seeds[0], seeds[1], seeds[2].assign(loss=seeds[2].loss.map({"energy": "l1", "l1": "energy"}))])
     assert R._r1_energy_best_epg(mixed)["verdict"] == "inconclusive"
     means = R.over_seeds(passing)
     assert len(means) == 4 and means.loc[(means.layer == "layer0") & (means.loss == "energy"), "hv_epg"].item() == \
         pytest.approx((1.0 + 1.2 + 1.1) / 3)
+
+
+def test_stage1_model_means_pool_the_panels_of_one_model():
+    frame = pd.DataFrame({"config": ["vanilla_ixg", "vanilla_gradcam", "bcos", "vanilla_ixg", "xdnn_intgrad"],
+                          "seed": [0, 0, 0, 1, 1]})
+    np.testing.assert_allclose(R.stage1_model_means(frame, [1.0, 3.0, 5.0, np.nan, 7.0]), [2.0, 5.0, 7.0])
+    np.testing.assert_allclose(R.stage1_model_means(frame.drop(columns="seed"), [1.0, 3.0, 5.0, 2.0, 7.0]),
+                               [2.0, 5.0, 7.0])  # no seed column: one seed
+    with pytest.raises(ValueError, match="one value per row"):
+        R.stage1_model_means(frame, [1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown configuration"):
+        R.stage1_model_means(frame.assign(config="resnet"), [1.0] * 5)
 
 
 def test_pareto_fronts_are_per_seed_never_pooled():
@@ -479,8 +510,9 @@ def test_pareto_fronts_are_per_seed_never_pooled():
 
 
 def _on_object(difference):
+    """One panel per difference, each of its own stage-1 model (seed i)."""
     difference = np.asarray(difference, float)
-    return pd.DataFrame({"config": "bcos", "layer": [f"l{i}" for i in range(len(difference))], "uniform_map": 0.5,
+    return pd.DataFrame({"config": "bcos", "layer": "input", "seed": np.arange(len(difference)), "uniform_map": 0.5,
                          "baseline": 0.6, "energy": 0.6 + difference, "l1": 0.6})
 
 
@@ -491,6 +523,11 @@ def test_r3_on_object_rule_and_nan_share():
     missing = _on_object([0.1, 0.1]).assign(energy=np.nan, l1=np.nan)  # VOC2007 without segmentation masks
     row = R._r3_energy_on_object(missing)
     assert row["verdict"] == "not tested" and "segmentation" in row["this_run"]
+    # two layers of each of two models: the interval is over the 2 model means (+0.11, +0.10), not the 4 panels
+    two_models = _on_object([0.10, 0.12, 0.09, 0.11]).assign(seed=[0, 0, 1, 1])
+    row = R._r3_energy_on_object(two_models)
+    assert row["n"] == "2 stage-1 models (4 panel × seed values)"
+    assert row["uncertainty"].startswith("0.105 [0.041, 0.169], 95% t CI over 2 stage-1 models")
 
 
 def _front_panel(lose, keep):
@@ -535,8 +572,18 @@ def test_r6_counts_units_not_correlated_checkpoints():
     assert R._r6_localisation_vs_f1(*passing)["verdict"] == "reproduced"
     row = R._r6_localisation_vs_f1(*failing)
     assert row["verdict"] == "inconclusive"
-    assert row["n"] == "200 front checkpoints in 5 configuration × seed units"
-    assert "share losing F1 0.57 [" in row["uncertainty"] and "bootstrap over 5 configuration × seed units" in row["uncertainty"]
+    assert row["n"] == "200 front checkpoints in 5 stage-1 models"
+    assert "share losing F1 0.57 [" in row["uncertainty"] and "bootstrap over 5 stage-1 models" in row["uncertainty"]
+
+
+def test_r6_pools_the_configurations_of_one_stage1_model():
+    # Vanilla I×G and Vanilla Grad-CAM fine-tune one vanilla baseline: one unit (7 of 10 lose F1), with B-cos's
+    base, front = _front_panel(3, 2)
+    bases = [base.assign(config=c, seed=0) for c in ("vanilla_ixg", "vanilla_gradcam", "bcos")]
+    fronts = [front.assign(config="vanilla_ixg", seed=0), _front_panel(4, 1)[1].assign(config="vanilla_gradcam", seed=0),
+              _front_panel(1, 4)[1].assign(config="bcos", seed=0)]
+    row = R._r6_localisation_vs_f1(pd.concat(bases, ignore_index=True), pd.concat(fronts, ignore_index=True))
+    assert row["n"] == "15 front checkpoints in 2 stage-1 models" and "8 lose F1 and 7 keep" in row["this_run"]
 
 
 def test_cluster_share_is_scipys_bca_interval_over_paired_units():

@@ -829,10 +829,31 @@ def _n_seeds(frame: pd.DataFrame) -> int:
     return _with_seed(frame).seed.nunique()
 
 
-def _units(frame: pd.DataFrame) -> str:
-    """The unit of a per-panel interval: panels, or (panel, seed) pairs when there are several seeds."""
-    seeds = _n_seeds(frame)
-    return "panels" if seeds == 1 else f"panel × seed units ({seeds} seeds)"
+def _values(frame: pd.DataFrame) -> str:
+    """What one per-panel value is: of a panel, or of a (panel, seed) pair when there are several seeds."""
+    return "panel values" if _n_seeds(frame) == 1 else "panel × seed values"
+
+
+STAGE1_MODELS = "stage-1 models"
+
+
+def stage1_model_means(frame: pd.DataFrame, values) -> np.ndarray:
+    """The mean of `values` (one per row of `frame`, NaN dropped) over the rows of each stage-1 model:
+    (model family, seed). The panels and checkpoints of one model share its training run, its test set
+    and its reference F1, so they are one unit of an interval, not independent draws; Vanilla I×G and
+    Vanilla Grad-CAM fine-tune the same vanilla baseline (`baseline_spec` keys it by family). The models
+    of one seed also share that seed's data split; that weaker link is not modelled (3 seeds are too few
+    units for an interval)."""
+    values = np.asarray(values, float)
+    frame = _with_seed(frame)
+    if values.shape != (len(frame),):
+        raise ValueError(f"stage1_model_means needs one value per row: {len(frame)} rows, values of shape {values.shape}")
+    unknown = sorted(set(frame.config) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}")
+    table = pd.DataFrame({"family": frame.config.map(lambda name: CONFIGS[name][0]).to_numpy(),
+                          "seed": frame.seed.to_numpy(), "value": values})
+    return table.dropna().groupby(["family", "seed"], sort=False).value.mean().to_numpy()
 
 
 # ----------------------------------------------------------------------------- analysis: E3–E5
@@ -1206,22 +1227,25 @@ def _best_list(table: pd.DataFrame) -> str:
 
 
 def _hv_ratio_row(summary: pd.DataFrame, loss: str, column: str) -> tuple[str, str, int, np.ndarray]:
-    """Per panel and seed, `loss`'s hypervolume divided by the best other loss's; interval over those
-    units vs 1 − tie tolerance."""
-    ratios = []
-    for _key, panel in _with_seed(summary).groupby(["config", "layer", "seed"], sort=False):
+    """Per panel and seed, `loss`'s hypervolume divided by the best other loss's; the interval is over
+    the stage-1 models' mean ratios (`stage1_model_means`) vs 1 − tie tolerance. Returns the verdict, its
+    text, the number of models and the per-panel ratios."""
+    panels, ratios = [], []
+    for (config_name, _layer, seed), panel in _with_seed(summary).groupby(["config", "layer", "seed"], sort=False):
         own = panel.loc[panel.loss == loss, column]
         others = panel.loc[panel.loss != loss, column]
         if len(own) and len(others) and others.max() > 0:
+            panels.append({"config": config_name, "seed": seed})
             ratios.append(float(own.iloc[0]) / float(others.max()))
-    verdict_, text, n = _interval(ratios, 1 - TIE_TOLERANCE, unit=_units(summary))
+    means = stage1_model_means(pd.DataFrame(panels, columns=["config", "seed"]), ratios)
+    verdict_, text, n = _interval(means, 1 - TIE_TOLERANCE, unit=STAGE1_MODELS)
     return verdict_, text, n, np.asarray(ratios)
 
 
-def _grid_units(summary: pd.DataFrame, n: int) -> str:
+def _grid_units(summary: pd.DataFrame, models: int, n_values: int) -> str:
     seeds = _n_seeds(summary)
-    return f"{n} panels ({_grid_text(summary)})" if seeds == 1 else \
-        f"{n} panel × seed units ({_grid_text(summary)} × {seeds} seeds)"
+    grid = _grid_text(summary) + ("" if seeds == 1 else f" × {seeds} seeds")
+    return f"{models} {STAGE1_MODELS} ({n_values} {_values(summary)}; {grid})"
 
 
 def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
@@ -1233,7 +1257,7 @@ def _r1_energy_best_epg(summary: pd.DataFrame) -> dict:
             "this_run": f"Energy's EPG–F1 hypervolume / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(epg_win)} panels ("
                         + _best_list(epg_win) + "); " + _grid_scope(summary),
-            "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
+            "verdict": result, "n": _grid_units(summary, n, len(ratios)), "uncertainty": text}
 
 
 def _and_seed(frame: pd.DataFrame) -> str:
@@ -1249,7 +1273,7 @@ def _r2_l1_best_iou(summary: pd.DataFrame) -> dict:
             "this_run": f"L1's IoU–F1 hypervolume (val-tuned threshold) / the best other loss's, per panel{_and_seed(summary)}: "
                         + ", ".join(f"{r:.2f}" for r in ratios) + f"; best or within 5% in {wins}/{len(iou_win)} panels ("
                         + _best_list(iou_win) + "); " + _grid_scope(summary),
-            "verdict": result, "n": _grid_units(summary, n), "uncertainty": text}
+            "verdict": result, "n": _grid_units(summary, n, len(ratios)), "uncertainty": text}
 
 
 def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
@@ -1260,13 +1284,14 @@ def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
                                      "(e.g. VOC2007 without SegmentationObject), so R3 cannot be measured",
                 "verdict": "not tested", "n": "0 panels", "uncertainty": "none (no segmentation masks)"}
     difference = (on_object.energy - on_object.l1).to_numpy()
-    result, text, n = _interval(difference, 0.0, unit=_units(on_object))
+    result, text, n = _interval(stage1_model_means(on_object, difference), 0.0, unit=STAGE1_MODELS)
     return {**claim,
             "this_run": f"on-object share of the in-box energy, Energy − L1 per panel{_and_seed(on_object)}: "
                         + ", ".join(f"{d:+.3f}" for d in difference if np.isfinite(d))
                         + f"; means {on_object.energy.mean():.2f} vs {on_object.l1.mean():.2f} "
                         f"(baseline {on_object.baseline.mean():.2f}, uniform map {on_object.uniform_map.mean():.2f})",
-            "verdict": result, "n": f"{n} {_units(on_object)}", "uncertainty": text}
+            "verdict": result, "n": f"{n} {STAGE1_MODELS} ({int(np.isfinite(difference).sum())} {_values(on_object)})",
+            "uncertainty": text}
 
 
 def _unit(pairs: dict) -> str:
@@ -1324,7 +1349,7 @@ def cluster_share(counts, totals, level: float = 0.95, seed: int = 0,
     of one stage-1 model and its fine-tunes), with a `level` BCa bootstrap interval that resamples whole
     units (`findings.bootstrap_units`, counts and totals paired). With one unit, or units of equal
     shares, the interval is the point (nothing to resample); callers report the number of units.
-    Over 12 units every interval tried covers less than `level` (`benchmarks/ratio_interval_coverage.py`:
+    Over 9 or 12 units every interval tried covers less than `level` (`benchmarks/ratio_interval_coverage.py`:
     BCa's worst simulated coverage is the least bad, percentile's the worst); `method` is another
     `bootstrap_units` method, for that comparison."""
     counts, totals = np.asarray(counts, float), np.asarray(totals, float)
@@ -1342,12 +1367,13 @@ def cluster_share(counts, totals, level: float = 0.95, seed: int = 0,
 
 
 def _r6_localisation_vs_f1(base_table: pd.DataFrame, front: pd.DataFrame) -> dict:
-    # A stage-1 model's F1 is the reference of every fine-tune from it, at every layer: its checkpoints
-    # are one unit, not independent draws.
+    # A stage-1 model's F1 is the reference of every fine-tune from it, at every layer and with every
+    # attribution method: its checkpoints are one unit, not independent draws (`stage1_model_means`).
     traded, kept = [], []
-    for (config_name, seed), unit in _with_seed(front).groupby(["config", "seed"], sort=False):
+    front = _with_seed(front)
+    for _model, unit in front.groupby([front.config.map(lambda name: CONFIGS[name][0]), "seed"], sort=False):
         lose = keep = 0
-        for layer, panel in unit.groupby("layer", sort=False):
+        for (config_name, layer, seed), panel in unit.groupby(["config", "layer", "seed"], sort=False):
             base = panel_baseline(base_table, config_name, layer, seed)
             part = panel[panel.test_epg > base.test_epg + 0.01]
             lose += int((part.test_f1 < base.test_f1).sum())
@@ -1361,7 +1387,7 @@ def _r6_localisation_vs_f1(base_table: pd.DataFrame, front: pd.DataFrame) -> dic
         return {**claim, "this_run": "no front checkpoint improves EPG over its baseline", "verdict": "not tested",
                 "n": "0 checkpoints", "uncertainty": "none"}
     totals = np.add(traded, kept)
-    units = f"{len(totals)} configuration × seed units"
+    units = f"{len(totals)} {STAGE1_MODELS}"
     usual, some = cluster_share(traded, totals), cluster_share(kept, totals)
     parts = [interval_verdict(usual[1], usual[2], 0.5), interval_verdict(some[1], some[2], 0.0)]
     return {**claim,
