@@ -629,12 +629,20 @@ def _r7(base, few, some, full):
     return R._r7_few_boxes(s, fractions, pairs)
 
 
+def test_per_image_units_count_image_seed_pairs():
+    pairs = _pairs({("baseline", "bcos", "input"): 0.3, ("E3", "energy", 0.01): 0.5})
+    pairs.update({(*key[:-1], 1): frame for key, frame in list(pairs.items())})  # a second seed, 40 more images
+    values = R.per_image_contrast(pairs, {("E3", "energy", 0.01): 1, ("baseline", "bcos", "input"): -1})
+    assert values.shape == (80,) and np.allclose(values, 0.2)
+    assert R._unit(pairs) == "test image × seed pairs (2 seeds)"  # "80 test image × seed pairs", not 80 × 2
+
+
 def test_r7_few_boxes_rule_on_per_image_differences():
     assert _r7(0.3, 0.5, 0.55, 0.58)["verdict"] == "reproduced"
     assert _r7(0.3, 0.3, 0.3, 0.58)["verdict"] == "not reproduced"
     noise = np.tile([0.3, -0.3], 20)                      # gain at 1%: mean exactly the 0.02 threshold, wide interval
     row = _r7(0.3, 0.32 + noise, 0.35, 0.33)
-    assert row["verdict"] == "inconclusive" and row["n"] == "40 test images × 1 seed"
+    assert row["verdict"] == "inconclusive" and row["n"] == "40 test images (1 seed)"
     with pytest.raises(ValueError, match="no per-pair scores"):
         R.per_image_contrast({}, {("E3", "energy", 0.01): 1})
     with pytest.raises(ValueError, match="at least one"):

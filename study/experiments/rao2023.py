@@ -1295,8 +1295,9 @@ def _r3_energy_on_object(on_object: pd.DataFrame) -> dict:
 
 
 def _unit(pairs: dict) -> str:
-    seeds = sorted({key[-1] for key in pairs})
-    return f"test images × {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    """The unit of the per-image intervals: a test image of one seed's test set."""
+    seeds = len({key[-1] for key in pairs})
+    return "test images (1 seed)" if seeds == 1 else f"test image × seed pairs ({seeds} seeds)"
 
 
 def _r5_final_layer_helps(s: dict, pairs: dict) -> dict | None:
