@@ -639,6 +639,8 @@ def test_per_image_units_count_image_seed_pairs():
 
 def test_r7_few_boxes_rule_on_per_image_differences():
     assert _r7(0.3, 0.5, 0.55, 0.58)["verdict"] == "reproduced"
+    # the text's gains are dataset means over (image, class) pairs; the intervals' means weigh every image once
+    assert "pairs" in R.PAIR_MEANS and R.PAIR_MEANS in _r7(0.3, 0.5, 0.55, 0.58)["this_run"]
     assert _r7(0.3, 0.3, 0.3, 0.58)["verdict"] == "not reproduced"
     noise = np.tile([0.3, -0.3], 20)                      # gain at 1%: mean exactly the 0.02 threshold, wide interval
     row = _r7(0.3, 0.32 + noise, 0.35, 0.33)
@@ -656,6 +658,7 @@ def test_r8_dilation_rule():
     values = lambda e0, e5, l0, l5: _pairs({("E1", "bcos", "input", "energy"): e0, ("E4", "energy", 0.5): e5,  # noqa: E731
                                             ("E1", "bcos", "input", "l1"): l0, ("E4", "l1", 0.5): l5})
     assert R._r8_coarse_boxes(s, dilation, values(0.6, 0.6, 0.6, 0.5))["verdict"] == "reproduced"
+    assert R.PAIR_MEANS in R._r8_coarse_boxes(s, dilation, values(0.6, 0.6, 0.6, 0.5))["this_run"]
     assert R._r8_coarse_boxes(s, dilation, values(0.6, 0.4, 0.6, 0.6))["verdict"] == "not reproduced"
 
 
@@ -676,6 +679,7 @@ def test_table1_rule_is_a_paired_comparison_over_seeds():
     passing = R._table1_shift(s, _birds([20, 22, 18, 25, 19, 21, 23, 20]))
     assert passing["verdict"] == "reproduced" and passing["n"] == "8 seeds"
     assert "ceiling" in passing["this_run"] and "minimum over groups" in passing["this_run"]
+    assert "rev. minimum over groups 99.0 → 99.0 / 99.0" in passing["this_run"]  # the card: report both, both tasks
     assert "paired t CI over 8 seeds" in passing["uncertainty"]
     assert R._table1_shift(s, _birds([-20, -22, -18, -25, -19, -21, -23, -20]))["verdict"] == "not reproduced"
     assert R._table1_shift(s, _birds([30, -30] * 4))["verdict"] == "inconclusive"
