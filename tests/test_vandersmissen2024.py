@@ -523,24 +523,69 @@ def _verdict_of(step, tables):
     return step(tables)["verdict"]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("pass", "reproduced"), ("fail", "not reproduced"), ("straddle", "inconclusive"), ("mixed", "partly reproduced")])
-def test_baseline_rule_needs_twenty_percent_of_pairs_swapped(case, expected):
-    bounds = {"pass": [(0.1, 0.5), (0.2, 0.55)], "fail": [(0.65, 0.9), (0.99, 1.0)],  # any swap no longer suffices
-              "straddle": [(0.5, 0.7), (0.4, 0.8)], "mixed": [(0.1, 0.5), (0.7, 0.9)]}[case]
-    assert _verdict_of(V._baseline, {"intervals": _intervals("min_tau_baseline", *bounds)}) == expected
-    assert "0.6" in V.RULES["baseline"] and "20%" in V.RULES["baseline"]
+def _cube(values_a, values_b):
+    """One model's (images × 2 metrics × maps) cube: Deletion (zero, pixel) and soft Drop, lower is better."""
+    return np.stack([np.asarray(values_a, float), np.asarray(values_b, float)], axis=1)
+
+
+def test_method_reversals_known_answer():
+    wiggle = np.tile([0.01, -0.01], 5)[:, None]
+    # Grad-CAM deletes faster (0.2 vs 0.4: better) but drops more (60 vs 40 %: worse) on every image of both models
+    cubes = [_cube(np.array([0.2, 0.4]) + wiggle, np.array([60.0, 40.0]) + 100 * wiggle * [1, -1])] * 2
+    table = V.method_reversals(cubes, list(V.OPPOSING_PAIR), ["gradcam", "rise"], [V.OPPOSING_PAIR])
+    row = table.iloc[0]
+    assert row["reversed"] and row["point_reversed"] and row["models_agreeing"] == 2
+    assert row["mean_a"] == pytest.approx(0.2) and row["mean_b"] == pytest.approx(-20.0)  # sign-aligned: higher better
+    ci = stats.ttest_1samp(np.tile(cubes[0][:, 1, 1] - cubes[0][:, 1, 0], 2), 0).confidence_interval(0.95)
+    assert (row["low_b"], row["high_b"]) == pytest.approx((ci.low, ci.high))
+    assert row["n_images"] == 20 and row["n_models"] == 2 and row["comparisons"] == 1 and row["level"] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="one .images"):
+        V.method_reversals([cubes[0][:, :1]], list(V.OPPOSING_PAIR), ["gradcam", "rise"], [V.OPPOSING_PAIR])
+    with pytest.raises(ValueError, match="metric pairs"):
+        V.method_reversals(cubes, list(V.OPPOSING_PAIR), ["gradcam", "rise"], [("average_drop", "pointing_game")])
+    with pytest.raises(ValueError, match="level"):
+        V.method_reversals(cubes, list(V.OPPOSING_PAIR), ["gradcam", "rise"], [V.OPPOSING_PAIR], level=1.0)
+
+
+def test_method_reversals_under_the_null_rarely_find_one():
+    # one curve under two baselines that change nothing: equal method means, independent per-image noise
+    rng = np.random.default_rng(0)
+    names, maps = ["deletion_zero_region", "deletion_uniform_region"], ["gradcam", "occlusion", "rise"]
+    found = [V.method_reversals([rng.normal(0.3, 0.05, size=(24, 2, 3)) for _ in range(3)], names, maps,
+                                [tuple(names)])["reversed"].any() for _ in range(200)]
+    assert np.mean(found) <= 0.02  # family-wise error at most 5% (the intersection–union test is conservative)
+    shifted = [rng.normal(0.3, 0.05, size=(24, 2, 3)) + [[0.0] * 3, [0.1] * 3] for _ in range(3)]
+    assert not V.method_reversals(shifted, names, maps, [tuple(names)])["reversed"].any()  # a shift is no reversal
+
+
+def _reversals(*per_arch):
+    """A reversal table: per architecture, a list of (reversed, point_reversed) comparisons."""
+    return pd.DataFrame([{"arch": f"arch{k}", "metric_a": "deletion_zero_pixel", "metric_b": "average_drop",
+                          "map_i": "gradcam", "map_j": "rise", "mean_a": 0.1, "low_a": 0.05, "high_a": 0.15,
+                          "mean_b": -5.0 if point else 5.0, "low_b": -8.0 if flipped else -2.0,
+                          "high_b": -2.0 if flipped else 8.0, "reversed": flipped, "point_reversed": point,
+                          "models_agreeing": 3, "n_images": 72, "n_models": 3, "comparisons": len(rows),
+                          "level": 0.99} for k, rows in enumerate(per_arch) for flipped, point in rows])
 
 
 @pytest.mark.parametrize("case, expected", [("pass", "reproduced"), ("fail", "not reproduced"),
-                                            ("straddle", "inconclusive")])
-def test_opposing_rule_needs_a_clearly_negative_tau(case, expected):
-    bounds = {"pass": [(-0.9, -0.4), (-0.7, -0.3)], "fail": [(-0.15, 0.3), (-0.1, 0.5)],  # τ < 0 alone fails
-              "straddle": [(-0.5, 0.1), (-0.6, 0.0)]}[case]
+                                            ("straddle", "inconclusive"), ("mixed", "partly reproduced")])
+def test_reversal_rules_of_baseline_and_opposing(case, expected):
+    per_arch = {"pass": [[(False, True), (True, True)], [(True, True)]],
+                "fail": [[(False, False)] * 2, [(False, False)]],          # no pair even reversed in its means
+                "straddle": [[(False, True), (False, False)], [(False, True)]],
+                "mixed": [[(True, True)], [(False, False)]]}[case]
+    table = _reversals(*per_arch)
     summary = pd.DataFrame({"arch": ["arch0", "arch1"], "share_negative": [0.4, 0.3]})
-    tables = {"intervals": _intervals("min_tau", *bounds), "correlation_summary": summary}
-    assert _verdict_of(V._opposing, tables) == expected
-    assert "−0.2" in V.RULES["opposing"]
+    tau = {"intervals": pd.concat([_intervals("min_tau", (-0.5, 0.1), (-0.5, 0.1)),
+                                   _intervals("min_tau_baseline", (0.1, 0.5), (0.1, 0.5))])}
+    assert _verdict_of(V._baseline, {**tau, "reversals_baseline": table}) == expected
+    assert _verdict_of(V._opposing, {**tau, "reversals_opposing": table, "correlation_summary": summary}) == expected
+    row = V._baseline({**tau, "reversals_baseline": table})
+    assert "Bonferroni" in row["uncertainty"] and "72 images (3 models)" in row["n"]
+    if case == "pass":
+        assert "arch0 1 of 2 reversed" in row["this_run"] and "same signs in 3 of 3 models" in row["this_run"]
+    assert "Bonferroni" in V.RULES["baseline"] and "Deletion (zero, pixel)" in V.RULES["opposing"]
 
 
 def _margins(*bounds):
@@ -617,7 +662,10 @@ def test_interval_rules_of_the_other_claims(case, expected):
 
 def test_rule_helpers_reject_missing_statistics():
     with pytest.raises(ValueError, match="no statistic"):
-        V._baseline({"intervals": _intervals("min_tau", (0.1, 0.2))})
+        V._baseline({"intervals": _intervals("min_tau", (0.1, 0.2)), "reversals_baseline": _reversals([(True, True)])})
+    with pytest.raises(ValueError, match="reversal table is empty"):
+        V._baseline({"intervals": _intervals("min_tau_baseline", (0.1, 0.2)),
+                     "reversals_baseline": _reversals([(True, True)]).iloc[:0]})
 
 
 # ----------------------------------------------------------------------------- ImageNet: target box cropped away
@@ -746,18 +794,6 @@ def test_over_models_with_one_defined_value_is_inconclusive_and_needs_two_models
 def test_over_models_keeps_tau_intervals_in_tau_range():
     row = V.over_models([_model_tables(v, 0.2, 0.5) for v in (-0.95, -0.2, 0.95)])["intervals"].iloc[0]
     assert row["statistic"] in V.TAU_STATISTICS and (row["low"], row["high"]) == (-1.0, 1.0)  # t: ±1.6 beyond
-
-
-@pytest.mark.parametrize("values, expected", [
-    ([0.10, 0.20, 0.15], "reproduced"),       # every model swaps many pairs, and they agree
-    ([0.85, 0.90, 0.95], "not reproduced"),   # every model keeps the order
-    ([-0.40, 0.95, 0.10], "inconclusive"),    # the models disagree: one model alone could have said either
-])
-def test_baseline_verdict_over_models_follows_the_models(values, expected):
-    tables = V.over_models([_model_tables(v, 0.2, 0.5) for v in values])
-    assert _verdict_of(V._baseline, tables) == expected
-    row = V._baseline(tables)
-    assert "95% t CI over 3 models (24 images each)" in row["uncertainty"]
 
 
 def test_findings_over_models_say_so(tiny):

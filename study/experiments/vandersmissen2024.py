@@ -1013,6 +1013,71 @@ def metric_cube(scores: pd.DataFrame, arch: str, families=PAPER_FAMILIES) -> tup
     return cube, names, maps
 
 
+OPPOSING_PAIR = ("deletion_zero_pixel", "average_drop")  # fixed before the test (card §5.6: pixel vs soft mask)
+BASELINE_PAIRS = tuple((a, b) for group in BASELINE_GROUPS for k, a in enumerate(group) for b in group[k + 1:])
+
+
+def method_reversals(cubes: list[np.ndarray], names: list[str], maps: list[str], metric_pairs,
+                     level: float = LEVEL) -> pd.DataFrame:
+    """Whether two metrics (or one curve under two baselines) order a pair of methods oppositely.
+
+    For each metric pair (a, b) in `metric_pairs` and each map pair (i, j): the per-image differences
+    s(i) − s(j), sign-aligned so that higher is better, under a and under b, over the images of every
+    model in `cubes` (each (images × metrics × maps), as `metric_cube`; the models' images pooled, so
+    the test is conditional on the trained models), with t intervals at the Bonferroni level
+    1 − (1 − level) / m for the m comparisons. `reversed`: the two intervals lie on opposite sides
+    of 0 (an intersection–union test, family-wise error at most 1 − level); `point_reversed`: the two
+    mean differences have opposite signs; `models_agreeing`: the models whose own two mean
+    differences have the signs of the pooled ones."""
+    from study.findings import mean_interval
+
+    if not cubes or any(np.ndim(c) != 3 or np.shape(c)[1:] != (len(names), len(maps)) for c in cubes):
+        raise ValueError(f"method_reversals needs one (images × {len(names)} metrics × {len(maps)} maps) array per "
+                         f"model; got shapes {[np.shape(c) for c in cubes]}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    unknown = sorted({m for pair in metric_pairs for m in pair} - set(names))
+    if unknown or not metric_pairs or len(maps) < 2:
+        raise ValueError(f"method_reversals needs metric pairs of {names} and at least two maps; "
+                         f"unknown {unknown}, {len(metric_pairs)} pairs, maps {maps}")
+    signs = np.array([1.0 if HIGHER_IS_BETTER[m] else -1.0 for m in names])
+    aligned = [np.asarray(c, float) * signs[None, :, None] for c in cubes]
+    map_pairs = [(i, j) for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    corrected = 1 - (1 - level) / (len(metric_pairs) * len(map_pairs))
+    rows = []
+    for a, b in metric_pairs:
+        ia, ib = names.index(a), names.index(b)
+        for i, j in map_pairs:
+            per_model = [(c[:, ia, i] - c[:, ia, j], c[:, ib, i] - c[:, ib, j]) for c in aligned]
+            row = {"metric_a": a, "metric_b": b, "map_i": maps[i], "map_j": maps[j]}
+            for side, k in (("a", 0), ("b", 1)):
+                values = np.concatenate([pair[k] for pair in per_model])
+                row[f"mean_{side}"], row[f"low_{side}"], row[f"high_{side}"] = mean_interval(values, corrected, "t")
+            signs_ab = np.sign([row["mean_a"], row["mean_b"]])
+            row["reversed"] = bool((row["low_a"] > 0 and row["high_b"] < 0) or (row["high_a"] < 0 and row["low_b"] > 0))
+            row["point_reversed"] = bool(signs_ab[0] * signs_ab[1] < 0)
+            row["models_agreeing"] = int(sum(np.array_equal(np.sign([np.nanmean(x), np.nanmean(y)]), signs_ab)
+                                             for x, y in per_model))
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.assign(n_images=sum(len(c) for c in cubes), n_models=len(cubes), comparisons=len(table),
+                        level=corrected)
+
+
+def reversal_table(model_scores: list[pd.DataFrame], metric_pairs, level: float = LEVEL) -> pd.DataFrame:
+    """`method_reversals` per architecture over the real methods (the GT box and the dummies are
+    references, not methods) of every model's scores (each model its own images)."""
+    tables = []
+    for arch in dict.fromkeys(model_scores[0]["arch"]):
+        cubes = [metric_cube(scores, arch, families=("method",)) for scores in model_scores]
+        names, maps = cubes[0][1], cubes[0][2]
+        if any(c[1] != names or c[2] != maps for c in cubes):
+            raise ValueError(f"the models' scores of {arch} have different metrics or maps")
+        pairs = [pair for pair in metric_pairs if set(pair) <= set(names)]
+        tables.append(method_reversals([c[0] for c in cubes], names, maps, pairs, level).assign(arch=arch))
+    return pd.concat(tables, ignore_index=True)
+
+
 def _tau_statistics(cube: np.ndarray, names: list[str]):
     """statistic(indices) -> [mean τ, min τ, min τ between baselines, τ of every metric pair]."""
     signs = np.array([1.0 if HIGHER_IS_BETTER[m] else -1.0 for m in names])
@@ -1436,6 +1501,9 @@ def analyse(evaluation: Evaluation, seed: int = 0, n_boot: int = N_BOOT, replica
         "shift": grade_shift(scores), "dummy_ranks": dummy_ranks(scores), "drop_gaps": drop_gaps(means),
         "correct_only_ranks": correct_only_ranks(scores), **verdict_tables,
     }
+    model_scores = [scores] + [r.scores for r in replicates]
+    tables["reversals_opposing"] = reversal_table(model_scores, [OPPOSING_PAIR])
+    tables["reversals_baseline"] = reversal_table(model_scores, BASELINE_PAIRS)
     if replicates:
         per_model = [verdict_tables] + [_verdict_tables(r.scores, seed + k, n_boot)
                                         for k, r in enumerate(replicates, start=1)]
@@ -1455,8 +1523,12 @@ RULES = {
     "sparsity_within": "within each method, Spearman ρ over images between the Gini index and the soft Drop %; "
                        "reproduced when the 95% t CI over methods of the mean ρ lies above 0.2 (sparser maps of the "
                        "same method dropped more)",
-    "opposing": "the lowest Kendall τ between two metrics' method rankings: reproduced when its 95% basic bootstrap "
-                "CI over images lies below −0.2 (at least 60% of the method pairs ordered oppositely)",
+    "opposing": "a pair of metrics fixed before the test, Deletion (zero, pixel) and soft Average Drop: for every "
+                "pair of real methods, the per-image difference under each metric (sign-aligned), with t intervals "
+                "over the images of every model (pooled) at a Bonferroni level over the method pairs; reproduced for "
+                "an architecture when some method pair is ordered oppositely by the two metrics with both intervals "
+                "on opposite sides of 0, not reproduced when no pair's two mean differences even differ in sign, "
+                "inconclusive otherwise (the lowest Kendall τ between rankings is descriptive)",
     "pointing_game": "the median |r| between the pointing game and the other metrics (per-method correlations): "
                      "its 95% percentile bootstrap CI over images below 0.3, and that of its difference to the "
                      "median |r| among the other metric pairs below 0",
@@ -1465,9 +1537,12 @@ RULES = {
                   "below 0.5",
     "reference": "the per-image pointing-game hit of the GT box minus that of the best other map: reproduced when "
                  "its 95% t CI lies above 0.1 (10 percentage points)",
-    "baseline": "the lowest Kendall τ between the method rankings of one curve under two baselines: reproduced "
-                "when its 95% basic bootstrap CI over images lies below 0.6 (more than 20% of the method pairs "
-                "swapped)",
+    "baseline": "every Ins/Del curve under every pair of its baselines, and every pair of real methods: the "
+                "per-image difference under each baseline, with t intervals over the images of every model (pooled) "
+                "at a Bonferroni level over all those comparisons; reproduced for an architecture when some method "
+                "pair is ordered oppositely under two baselines with both intervals on opposite sides of 0, not "
+                "reproduced when no pair's two mean differences even differ in sign, inconclusive otherwise (the "
+                "lowest Kendall τ between rankings is descriptive)",
     "dummies": "per metric, the best dummy minus the worst real method, per image, sign-aligned, in [0, 1] units "
                "(Drop / 100): a metric counts when its 95% t CI lies above 0.05; reproduced for an architecture "
                "when some metric counts, not reproduced when every CI lies at or below 0.05",
@@ -1608,15 +1683,53 @@ def _sparsity_within(t: dict) -> dict:
                 _uncertainty(intervals, ["sparsity_rho_drop"], "{:+.2f}"))
 
 
+def _reversal_verdicts(table: pd.DataFrame) -> list[str]:
+    """Per architecture: reproduced when some comparison is reversed, not reproduced when none is even
+    reversed in its point estimates, else inconclusive."""
+    if table.empty:
+        raise ValueError("the reversal table is empty: the run lacks the metrics the rule compares")
+    return ["reproduced" if part["reversed"].any() else "inconclusive" if part["point_reversed"].any()
+            else "not reproduced" for _arch, part in table.groupby("arch", sort=False)]
+
+
+def _reversal_text(table: pd.DataFrame) -> str:
+    parts = []
+    for arch, part in table.groupby("arch", sort=False):
+        found = part[part["reversed"]]
+        text = (f"{_arch_label(arch)} {len(found)} of {len(part)} reversed ({int(part['point_reversed'].sum())} in "
+                f"their means)")
+        if len(found):
+            margin = found[["low_a", "high_a", "low_b", "high_b"]].abs().min(axis=1)  # each interval excludes 0
+            top = found.loc[margin.idxmax()]
+            text += (f", e.g. {_label(top.map_i)} − {_label(top.map_j)}: {top.mean_a:+.3f} under "
+                     f"{METRIC_LABELS.get(top.metric_a, top.metric_a)}, {top.mean_b:+.3f} under "
+                     f"{METRIC_LABELS.get(top.metric_b, top.metric_b)} (same signs in {top.models_agreeing} of "
+                     f"{top.n_models} models)")
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _reversal_n(table: pd.DataFrame) -> str:
+    return "; ".join(f"{_arch_label(arch)} {part['n_images'].iloc[0]} images ({part['n_models'].iloc[0]} models) × "
+                     f"{len(part)} comparisons" for arch, part in table.groupby("arch", sort=False))
+
+
+def _reversal_uncertainty(table: pd.DataFrame) -> str:
+    return "; ".join(f"{_arch_label(arch)}: t intervals over images at {100 * part['level'].iloc[0]:.3f}% "
+                     f"(Bonferroni for 95% over {len(part)} comparisons), reversed when the two lie on opposite "
+                     f"sides of 0" for arch, part in table.groupby("arch", sort=False))
+
+
 def _opposing(t: dict) -> dict:
-    intervals, summary = t["intervals"], t["correlation_summary"].set_index("arch")
-    verdicts = _judge(intervals, "min_tau", -0.2, False)
-    this_run = (f"lowest Kendall τ between two metrics' method rankings: {_text(intervals, 'min_tau')}; share of "
-                f"per-image correlations < −0.1 after sign alignment (descriptive): "
+    table, intervals, summary = t["reversals_opposing"], t["intervals"], t["correlation_summary"].set_index("arch")
+    this_run = (f"method pairs that {METRIC_LABELS.get(OPPOSING_PAIR[0], OPPOSING_PAIR[0])} and "
+                f"{METRIC_LABELS.get(OPPOSING_PAIR[1], OPPOSING_PAIR[1])} order oppositely: {_reversal_text(table)}; "
+                f"descriptive: lowest Kendall τ between two metrics' method rankings {_text(intervals, 'min_tau')}, "
+                f"share of per-image correlations < −0.1 after sign alignment "
                 f"{_per_arch(summary['share_negative'].to_dict(), '{:.2f}')}")
     return _row("Metrics capture distinct, sometimes opposing notions of quality [summary]",
-                "n/a (claim only; no number available)", "opposing", this_run, combine_verdicts(verdicts),
-                _n(intervals, "min_tau"), _uncertainty(intervals, ["min_tau"]))
+                "n/a (claim only; no number available)", "opposing", this_run,
+                combine_verdicts(_reversal_verdicts(table)), _reversal_n(table), _reversal_uncertainty(table))
 
 
 NO_BOXES = ("not tested: the images have no bounding boxes (no Pascal-VOC XML file beside them), so the pointing "
@@ -1680,13 +1793,13 @@ def _reference(t: dict) -> dict:
 
 
 def _baseline(t: dict) -> dict:
-    intervals = t["intervals"]
-    verdicts = _judge(intervals, "min_tau_baseline", 0.6, False)
-    this_run = ("lowest Kendall τ between the method rankings of the same curve with different baselines: "
+    table, intervals = t["reversals_baseline"], t["intervals"]
+    this_run = (f"method pairs that one Ins/Del curve orders oppositely under two baselines: {_reversal_text(table)}; "
+                f"descriptive: lowest Kendall τ between the method rankings of one curve under two baselines "
                 f"{_text(intervals, 'min_tau_baseline')}")
     return _row("The Ins/Del baseline can reorder the methods [card §5.6, unverified]", "n/a (expectation)",
-                "baseline", this_run, combine_verdicts(verdicts), _n(intervals, "min_tau_baseline"),
-                _uncertainty(intervals, ["min_tau_baseline"]))
+                "baseline", this_run, combine_verdicts(_reversal_verdicts(table)), _reversal_n(table),
+                _reversal_uncertainty(table))
 
 
 def _dummies(t: dict) -> dict:
