@@ -1701,7 +1701,8 @@ def _reversal_text(table: pd.DataFrame) -> str:
         if len(found):
             margin = found[["low_a", "high_a", "low_b", "high_b"]].abs().min(axis=1)  # each interval excludes 0
             top = found.loc[margin.idxmax()]
-            text += (f", e.g. {_label(top.map_i)} − {_label(top.map_j)}: {top.mean_a:+.3f} under "
+            text += (f", e.g. {_label(top.map_i)} − {_label(top.map_j)} (sign-aligned, + when the first is "
+                     f"better): {top.mean_a:+.3f} under "
                      f"{METRIC_LABELS.get(top.metric_a, top.metric_a)}, {top.mean_b:+.3f} under "
                      f"{METRIC_LABELS.get(top.metric_b, top.metric_b)} (same signs in {top.models_agreeing} of "
                      f"{top.n_models} models)")
